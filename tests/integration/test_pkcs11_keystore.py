@@ -1,0 +1,238 @@
+"""SoftHSM-specific behaviour of the PKCS#11 store: key attributes, processes, threads, sessions, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pkcs11 import Attribute, ObjectClass
+from pkcs11.exceptions import AttributeSensitive
+
+from hsm_keys.errors import ConfigurationError, HsmKeysError, LoginError, TokenNotFoundError
+from hsm_keys.keystore import _cryptoki
+from hsm_keys.keystore.pkcs11 import Pin, Pkcs11KeyStore, Pkcs11Uri
+from hsm_keys.types import Binding, KeySpec
+
+pytestmark = pytest.mark.softhsm
+ACCOUNT = "210987654321"
+
+
+def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run code in a fresh interpreter (threads into C must not take the test process down)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+        check=False,
+    )
+
+
+def private_object(store: Pkcs11KeyStore, kid: str) -> Any:
+    with store.pool.borrow() as pooled:
+        return pooled.session, store._private_key(pooled, store.get(kid))
+
+
+def test_private_keys_are_token_sensitive_non_extractable_sign_only(softhsm_store: Pkcs11KeyStore) -> None:
+    info = softhsm_store.generate(KeySpec.EC_P256, Binding("attrs", ACCOUNT))
+    with softhsm_store.pool.borrow() as pooled:
+        key = softhsm_store._private_key(pooled, info)
+        assert key[Attribute.TOKEN] is True
+        assert key[Attribute.PRIVATE] is True
+        assert key[Attribute.SENSITIVE] is True
+        assert key[Attribute.EXTRACTABLE] is False
+        assert key[Attribute.NEVER_EXTRACTABLE] is True
+        assert key[Attribute.ALWAYS_SENSITIVE] is True
+        assert key[Attribute.SIGN] is True
+        for usage in (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE):
+            assert key[usage] is False
+        assert key[Attribute.LABEL] == info.label
+        with pytest.raises(AttributeSensitive):
+            _ = key[Attribute.VALUE]
+        publics = list(
+            pooled.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key.id})
+        )
+        assert len(publics) == 1 and publics[0][Attribute.VERIFY] is True
+
+
+def test_rsa_private_exponent_is_not_readable(softhsm_store: Pkcs11KeyStore) -> None:
+    info = softhsm_store.generate(KeySpec.RSA_2048, Binding("rsa-export", ACCOUNT))
+    with softhsm_store.pool.borrow() as pooled:
+        key = softhsm_store._private_key(pooled, info)
+        with pytest.raises(AttributeSensitive):
+            _ = key[Attribute.PRIVATE_EXPONENT]
+
+
+def test_keys_are_visible_from_a_fresh_process(softhsm_store: Pkcs11KeyStore) -> None:
+    info = softhsm_store.generate(KeySpec.ED25519, Binding("other-process", ACCOUNT))
+    result = run_python(
+        f"""
+        from hsm_keys.keystore.pkcs11 import Pkcs11KeyStore
+        from hsm_keys.types import Binding
+        with Pkcs11KeyStore() as store:
+            found = store.find(Binding("OTHER-PROCESS", "{ACCOUNT}"))
+            print(found.kid)
+            print(store.sign(found.kid, b"from a child", "EdDSA").hex())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    kid, signature = result.stdout.split()
+    assert kid == info.kid
+    info.public_key.verify(bytes.fromhex(signature), b"from a child")  # type: ignore[call-arg, union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,alg", [(KeySpec.EC_P256, "ES256"), (KeySpec.RSA_2048, "PS256")])
+def test_sixteen_threads_sign_concurrently_without_crashing(
+    softhsm_store: Pkcs11KeyStore, spec: KeySpec, alg: str
+) -> None:
+    info = softhsm_store.generate(spec, Binding(f"threads-{alg}", ACCOUNT))
+    result = run_python(
+        f"""
+        import threading
+        from hsm_keys.keystore.pkcs11 import Pkcs11KeyStore
+        from hsm_keys.keystore.software import verify_signature
+        from hsm_keys.types import SignatureAlgorithm
+        alg = SignatureAlgorithm.parse("{alg}")
+        store = Pkcs11KeyStore(pool_size=16)
+        info = store.get("{info.kid}")
+        failures, counts = [], [0] * 16
+        def work(worker):
+            for i in range(300):
+                message = f"{{worker}}/{{i}}".encode()
+                signature = store.sign(info.kid, message, alg)
+                if not verify_signature(info.public_key, signature, message, alg):
+                    failures.append((worker, i))
+                counts[worker] += 1
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(16)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        print(sum(counts), len(failures), store.pool.stats().high_water)
+        store.close()
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    total, failures, high_water = map(int, result.stdout.split())
+    assert (total, failures) == (16 * 300, 0)
+    assert 1 < high_water <= 16
+
+
+def test_open_close_a_hundred_times_leaks_no_session_and_keeps_login(pkcs11_env: dict[str, str]) -> None:
+    handles: list[int] = []
+    for _ in range(100):
+        with Pkcs11KeyStore() as store:
+            with store.pool.borrow() as pooled:
+                handles.append(int(pooled.session.handle))
+            lib = store._lib
+    # every session this loop opened is closed again (the module says the handles are invalid)
+    assert all(lib.session_state(handle) is None for handle in handles)
+    # and a new store still logs in and works, with its session in the logged-in state
+    with Pkcs11KeyStore() as store:
+        info = store.generate(KeySpec.EC_P256, Binding("after-loop", ACCOUNT))
+        store.sign(info.kid, b"x", "ES256")
+        with store.pool.borrow() as pooled:
+            assert lib.session_state(pooled.session.handle) == _cryptoki.CKS_RW_USER_FUNCTIONS
+        store.destroy(info.kid)
+
+
+def test_two_stores_share_the_login_and_closing_one_keeps_the_other_working(
+    pkcs11_env: dict[str, str],
+) -> None:
+    first, second = Pkcs11KeyStore(), Pkcs11KeyStore()
+    try:
+        info = first.generate(KeySpec.EC_P256, Binding("shared-login", ACCOUNT))
+        second.close()
+        first.sign(info.kid, b"still logged in", "ES256")
+        first.destroy(info.kid)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_missing_token_lists_the_labels_seen_and_the_config(pkcs11_env: dict[str, str]) -> None:
+    with pytest.raises(TokenNotFoundError) as raised:
+        Pkcs11KeyStore(token_label="no-such-token")
+    message = str(raised.value)
+    assert "no-such-token" in message
+    assert repr(pkcs11_env["HSM_KEYS_TOKEN_LABEL"]) in message
+    assert pkcs11_env["SOFTHSM2_CONF"] in message
+
+
+def test_wrong_pin_is_a_login_error_that_does_not_reveal_the_pin(pkcs11_env: dict[str, str]) -> None:
+    wrong = "wrong-pin-7f3a9c"
+    with pytest.raises(LoginError) as raised:
+        Pkcs11KeyStore(pin=wrong)
+    text = str(raised.value) + repr(raised.value) + str(raised.value.__cause__ or "")
+    assert wrong not in text
+    # the right PIN still works afterwards (SoftHSM has no lockout by default)
+    Pkcs11KeyStore().close()
+
+
+def test_pin_never_appears_in_reprs(pkcs11_env: dict[str, str]) -> None:
+    pin = pkcs11_env["HSM_KEYS_PIN"]
+    with Pkcs11KeyStore() as store:
+        assert pin not in repr(store)
+        assert pin not in repr(vars(store))
+    assert pin not in repr(Pin(pin)) and pin not in str(Pin(pin))
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(Pin(pin))
+
+
+def test_configured_by_rfc7512_uri(pkcs11_env: dict[str, str], tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(pkcs11_env["HSM_KEYS_PIN"] + "\n")
+    uri = (
+        f"pkcs11:token={pkcs11_env['HSM_KEYS_TOKEN_LABEL'].replace('-', '%2D')};object=ignored"
+        f"?module-path={pkcs11_env['HSM_KEYS_PKCS11_MODULE']}&pin-source=file:{pin_file}"
+    )
+    parsed = Pkcs11Uri.parse(uri)
+    assert parsed.token == pkcs11_env["HSM_KEYS_TOKEN_LABEL"]
+    assert parsed.module_path == pkcs11_env["HSM_KEYS_PKCS11_MODULE"]
+    with Pkcs11KeyStore(module="", token_label="", pin=None, uri=uri) as store:
+        assert store.token_label == pkcs11_env["HSM_KEYS_TOKEN_LABEL"]
+
+
+@pytest.mark.parametrize(
+    "uri", ["pkcs12:token=x", "pkcs11:token", "pkcs11:token=x?pin-source=/no/such/file", "pkcs11:=x"]
+)
+def test_bad_uris_are_configuration_errors(uri: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Pkcs11Uri.parse(uri)
+
+
+def test_cloudhsm_style_pin_is_passed_unchanged(pkcs11_env: dict[str, str]) -> None:
+    # CloudHSM PINs are "user:password"; SoftHSM refuses this one, and the message must not echo it.
+    with pytest.raises(LoginError) as raised:
+        Pkcs11KeyStore(pin="crypto_user:secret-password")
+    assert "secret-password" not in str(raised.value)
+
+
+def test_forked_child_signs_and_parent_keeps_working(softhsm_store: Pkcs11KeyStore) -> None:
+    info = softhsm_store.generate(KeySpec.EC_P256, Binding("fork", ACCOUNT))
+    softhsm_store.sign(info.kid, b"before fork", "ES256")
+    pid = os.fork()
+    if pid == 0:  # child: must re-initialise the module, never touch the parent's sessions
+        code = 1
+        try:
+            signature = softhsm_store.sign(info.kid, b"in child", "ES256", verify=True)
+            code = 0 if len(signature) == 64 else 2
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(softhsm_store.sign(info.kid, b"parent after fork", "ES256", verify=True)) == 64
+
+
+def test_errors_from_the_store_are_all_in_our_tree(softhsm_store: Pkcs11KeyStore) -> None:
+    with pytest.raises(HsmKeysError):
+        softhsm_store.sign("A" * 43, b"x", "ES256")
