@@ -23,6 +23,8 @@ _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"
 
 # RFC 7638 section 3.2 / RFC 8037 section 2: the required members, per key type.
 _REQUIRED_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
+# RFC 7518 sections 6.2.2, 6.3.2 and 6.4.1; RFC 8037 section 2.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 def _uint_b64(value: int) -> str:
@@ -60,15 +62,29 @@ def _member(jwk: Mapping[str, Any], name: str) -> str:
     return value
 
 
+def _uint_member(jwk: Mapping[str, Any], name: str) -> int:
+    """RSA integers must be minimal (RFC 7518 section 6.3.1): a leading zero octet would change the
+    thumbprint of the same key."""
+    octets = b64url_decode(_member(jwk, name))
+    if not octets or (len(octets) > 1 and octets[0] == 0):
+        raise EncodingError(f"RSA JWK member {name!r} is not a minimal unsigned integer (leading zero octet)")
+    return int.from_bytes(octets, "big")
+
+
 def jwk_to_public_key(jwk: Mapping[str, Any]) -> PublicKey:
     """Parse a public JWK, checking sizes and that EC points lie on their curve."""
+    if not isinstance(jwk, Mapping):
+        raise EncodingError(f"a JWK must be a JSON object, got {type(jwk).__name__}")
     kty = _member(jwk, "kty")
-    if "d" in jwk:
-        raise EncodingError("JWK holds private key material ('d'); only public JWKs are accepted")
+    private = sorted(_PRIVATE_MEMBERS.intersection(jwk))
+    if private:
+        raise EncodingError(
+            f"JWK holds private key material ({', '.join(private)}); only public JWKs are accepted"
+        )
     try:
         if kty == "RSA":
-            n = int.from_bytes(b64url_decode(_member(jwk, "n")), "big")
-            e = int.from_bytes(b64url_decode(_member(jwk, "e")), "big")
+            n = _uint_member(jwk, "n")
+            e = _uint_member(jwk, "e")
             return rsa.RSAPublicNumbers(e, n).public_key()
         if kty == "EC":
             crv = _member(jwk, "crv")
@@ -98,11 +114,16 @@ def jwk_to_public_key(jwk: Mapping[str, Any]) -> PublicKey:
 
 
 def _canonical_members(jwk_or_key: Mapping[str, Any] | PublicKey) -> dict[str, str]:
-    jwk = jwk_or_key if isinstance(jwk_or_key, Mapping) else public_key_to_jwk(jwk_or_key)
-    kty = _member(jwk, "kty")
-    if kty not in _REQUIRED_MEMBERS:
-        raise EncodingError(f"unsupported JWK key type {kty!r}")
-    return {name: _member(jwk, name) for name in _REQUIRED_MEMBERS[kty]}
+    """The RFC 7638 members; a JWK is parsed first, so a malformed or non-minimal one is refused
+    instead of hashing to a thumbprint no other implementation would compute."""
+    if isinstance(jwk_or_key, Mapping):
+        canonical = public_key_to_jwk(jwk_to_public_key(jwk_or_key))
+        for name in _REQUIRED_MEMBERS[canonical["kty"]]:
+            if jwk_or_key.get(name) != canonical[name]:
+                raise EncodingError(f"JWK member {name!r} is not in its canonical form")
+    else:
+        canonical = public_key_to_jwk(jwk_or_key)
+    return {name: canonical[name] for name in _REQUIRED_MEMBERS[canonical["kty"]]}
 
 
 def jwk_thumbprint_bytes(jwk_or_key: Mapping[str, Any] | PublicKey) -> bytes:
