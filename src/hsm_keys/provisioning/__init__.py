@@ -1,0 +1,1 @@
+"""Provisioning: onboarding of customer accounts, the account registry, and the management scope."""
