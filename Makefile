@@ -29,8 +29,13 @@ $(VENV)/.installed: pyproject.toml
 token: os-packages
 	@bash softhsm/setup-token.sh --dev >/dev/null
 
-test: setup
+test: setup tests/policy/node_modules
 	$(BIN)/python -m pytest
+
+# Test-only IAM policy evaluator (node); installed from its lock file when missing.
+tests/policy/node_modules: tests/policy/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/policy && npm ci --silent --no-audit --no-fund && touch node_modules; \
+	else echo "npm not found: install node and npm (>= 18) to run the IAM policy tests (tests/policy)" >&2; fi
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

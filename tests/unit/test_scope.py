@@ -86,6 +86,13 @@ DENIED_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("GetPolicy", {"PolicyArn": SECURITY_AUDIT}),  # AWS managed policies are not ours to read
     ("DeletePolicy", {"PolicyArn": "arn:aws:iam::999988887777:policy/DoiT-Support-alice"}),  # other account
     ("CreateSAMLProvider", {"Name": "DoiT-Support", "SAMLMetadataDocument": "x" * 1000}),
+    # Another account's entities, even under the list statement's "*": IAM entities have no resource policy.
+    ("ListEntitiesForPolicy", {"PolicyArn": "arn:aws:iam::999988887777:policy/DoiT-Support-alice"}),
+    (
+        "ListPoliciesGrantingServiceAccess",
+        {"Arn": "arn:aws:iam::999988887777:role/x", "ServiceNamespaces": ["s3"]},
+    ),
+    ("ListEntitiesForPolicy", {"PolicyArn": "arn:aws-cn:iam::aws:policy/SecurityAudit"}),  # other partition
     # Creating with tags also needs the tagging action, which the policy lacks.
     (
         "CreateRole",

@@ -267,7 +267,23 @@ class ManagementScope:
         return _scope_for(account_id, partition)
 
     def allows(self, request: AuthorizationRequest) -> bool:
+        """Whether an Allow statement matches; a resource in another account never does.
+
+        IAM entities have no resource policies, so a request on another account's role or policy is
+        denied whatever the caller's own policy says (even ``Resource: "*"``). AWS managed policies
+        (account field ``aws``) are readable from every account.
+        """
+        if self._foreign(request.resource):
+            return False
         return any(statement.matches(request) for statement in self.statements)
+
+    def _foreign(self, resource: str) -> bool:
+        if resource == "*":
+            return False
+        parts = resource.split(":", 5)
+        if len(parts) < 6 or parts[0] != "arn" or parts[1] != self.partition:
+            return True
+        return parts[4] not in (self.account_id, "aws")
 
     def check(self, request: AuthorizationRequest) -> None:
         """Raise :class:`AccessDeniedError` unless the policy allows ``request``."""
