@@ -1,0 +1,1119 @@
+"""Support-access grants: one HSM key, one OIDC provider, one role and one policy per (staff, account).
+
+State lives where it already lives. The key and its binding are in the HSM; the grant's metadata
+(staff, ticket, expiry, kid, algorithm) is in the role's description, which the customers' management
+policy lets ``CreateRole`` and ``UpdateRoleDescription`` set (it grants no tagging); the provider's URL
+names the pair. Every IAM call goes through a client guarded by the local scope check of the
+management policy, and through :class:`~hsm_keys.provisioning.aws.AwsCaller` for bounded retries.
+
+The library touches only what it created: roles whose description carries :data:`MARKER`, providers
+whose URL lies under its issuer base, policies whose description carries the marker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from botocore import UNSIGNED
+
+from hsm_keys import oidc
+from hsm_keys.audit import AuditLog, NullAuditLog, digest
+from hsm_keys.encoding.iam import merge_thumbprints, oidc_thumbprint
+from hsm_keys.encoding.jwk import jwk_thumbprint, jwk_to_public_key
+from hsm_keys.errors import (
+    AccessDeniedError,
+    AwsError,
+    ConfigurationError,
+    HsmKeysError,
+    InvalidInputError,
+    KeyNotFoundError,
+    NotOwnedError,
+    OnboardingError,
+    StsExchangeError,
+    UnsupportedAlgorithmError,
+)
+from hsm_keys.keystore.base import KeyStore
+from hsm_keys.provisioning.aws import AwsEnvironment, error_code, translate
+from hsm_keys.provisioning.issuer import (
+    HttpsOptions,
+    IssuerPublisher,
+    IssuerScheme,
+    https_get,
+    issuer_documents,
+)
+from hsm_keys.provisioning.registry import AccountRegistry
+from hsm_keys.tls import fetch_chain
+from hsm_keys.types import STS_ALGORITHMS, Binding, KeyInfo, KeySpec, SignatureAlgorithm
+
+MARKER = "hsm-keys grant v1"
+SECURITY_AUDIT_ARN = "arn:{partition}:iam::aws:policy/SecurityAudit"
+DESCRIPTION_MAX = 1000
+TICKET_RE = re.compile(r"[A-Za-z0-9._:#/+=@-]{1,64}")
+_DESCRIPTION_FIELD_RE = re.compile(r"(\w+)=([^;]*)")
+
+#: The grant's extra read-only permissions by default: the account's AWS Support cases.
+SUPPORT_CASES_READ_POLICY: Mapping[str, Any] = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Sid": "ReadSupportCases",
+            "Effect": "Allow",
+            "Action": [
+                "support:DescribeAttachment",
+                "support:DescribeCaseAttributes",
+                "support:DescribeCases",
+                "support:DescribeCommunications",
+                "support:DescribeServices",
+                "support:DescribeSeverityLevels",
+            ],
+            "Resource": "*",
+        }
+    ],
+}
+_READ_ONLY_VERBS = ("Describe", "Get", "List", "View", "Search", "Lookup", "BatchGet", "Query", "Scan")
+
+#: Key spec generated for each algorithm a grant may use (STS accepts only these).
+DEFAULT_KEY_SPECS: Mapping[SignatureAlgorithm, KeySpec] = {
+    SignatureAlgorithm.RS256: KeySpec.RSA_2048,
+    SignatureAlgorithm.RS384: KeySpec.RSA_3072,
+    SignatureAlgorithm.RS512: KeySpec.RSA_4096,
+    SignatureAlgorithm.ES256: KeySpec.EC_P256,
+    SignatureAlgorithm.ES384: KeySpec.EC_P384,
+    SignatureAlgorithm.ES512: KeySpec.EC_P521,
+}
+
+# Errors IAM and STS return for entities created moments ago (eventual consistency).
+_FRESH_ROLE_ERRORS = frozenset({"NoSuchEntity"})
+_FRESH_PRINCIPAL_ERRORS = frozenset({"MalformedPolicyDocument", "InvalidInput"})
+_STS_TRANSIENT = frozenset({"IDPCommunicationError"})
+
+
+def _check_read_only(document: Mapping[str, Any]) -> None:
+    statements = document.get("Statement")
+    if isinstance(statements, Mapping):
+        statements = [statements]
+    if not isinstance(statements, list) or not statements:
+        raise ConfigurationError("the staff policy needs at least one statement")
+    for statement in statements:
+        if (
+            not isinstance(statement, Mapping)
+            or statement.get("Effect") != "Allow"
+            or "NotAction" in statement
+        ):
+            raise ConfigurationError("staff policy statements must be plain Allow statements with Action")
+        actions = statement.get("Action")
+        for action in [actions] if isinstance(actions, str) else list(actions or []):
+            verb = str(action).split(":", 1)[-1]
+            if ":" not in str(action) or not verb.startswith(_READ_ONLY_VERBS):
+                raise ConfigurationError(
+                    f"staff policy action {action!r} is not read-only; "
+                    "support engineers never get write access"
+                )
+
+
+def validate_ticket(ticket: str) -> str:
+    if not isinstance(ticket, str) or not TICKET_RE.fullmatch(ticket):
+        raise InvalidInputError(f"ticket {ticket!r} must be 1-64 characters of letters, digits and ._:#/+=@-")
+    return ticket
+
+
+@dataclass(frozen=True)
+class GrantSettings:
+    """Everything a deployment chooses once."""
+
+    issuer: IssuerScheme
+    https: HttpsOptions = field(default_factory=HttpsOptions)
+    staff_policy: Mapping[str, Any] = field(default_factory=lambda: SUPPORT_CASES_READ_POLICY)
+    key_specs: Mapping[SignatureAlgorithm, KeySpec] = field(default_factory=lambda: dict(DEFAULT_KEY_SPECS))
+    max_ttl: dt.timedelta = dt.timedelta(days=30)
+    token_ttl: dt.timedelta = dt.timedelta(minutes=5)
+    session_duration: int = 3600
+    fresh_window: dt.timedelta = dt.timedelta(minutes=2)
+    sts_attempts: int = 4
+
+    def __post_init__(self) -> None:
+        _check_read_only(self.staff_policy)
+        if len(json.dumps(self.staff_policy)) > 6144:
+            raise ConfigurationError("the staff policy exceeds IAM's 6,144-character limit")
+        if not 900 <= self.session_duration <= 43200:
+            raise ConfigurationError("session_duration must be between 900 and 43200 seconds")
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """Metadata kept in the role's description."""
+
+    staff: str
+    ticket: str
+    expires_at: dt.datetime
+    kid: str
+    alg: SignatureAlgorithm
+
+    def to_description(self) -> str:
+        expires = self.expires_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        text = (
+            f"{MARKER}; staff={self.staff}; ticket={self.ticket}; expires={expires}; "
+            f"kid={self.kid}; alg={self.alg.value}; read-only support access, managed by hsm-keys"
+        )
+        assert len(text) <= DESCRIPTION_MAX
+        return text
+
+    @classmethod
+    def from_description(cls, description: str | None) -> GrantRecord | None:
+        if not description or not description.startswith(MARKER + ";"):
+            return None
+        fields = dict(_DESCRIPTION_FIELD_RE.findall(description))
+        try:
+            return cls(
+                staff=fields["staff"],
+                ticket=fields["ticket"],
+                expires_at=dt.datetime.strptime(fields["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(
+                    tzinfo=dt.UTC
+                ),
+                kid=fields["kid"],
+                alg=SignatureAlgorithm.parse(fields["alg"]),
+            )
+        except (KeyError, ValueError, HsmKeysError):
+            return None
+
+
+@dataclass(frozen=True)
+class Grant:
+    staff: str
+    account: str
+    ticket: str
+    expires_at: dt.datetime
+    kid: str
+    alg: SignatureAlgorithm
+    issuer: str
+    role_arn: str
+    provider_arn: str
+    staff_policy_arn: str
+    thumbprints: tuple[str, ...] = ()
+
+    @property
+    def role_name(self) -> str:
+        return self.role_arn.rsplit("/", 1)[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "staff": self.staff,
+            "account": self.account,
+            "ticket": self.ticket,
+            "expires_at": self.expires_at.isoformat(),
+            "kid": self.kid,
+            "alg": self.alg.value,
+            "issuer": self.issuer,
+            "role_arn": self.role_arn,
+            "provider_arn": self.provider_arn,
+            "staff_policy_arn": self.staff_policy_arn,
+            "thumbprints": list(self.thumbprints),
+        }
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing revoke / reconcile / expire did (or found it could not do)."""
+
+    account: str
+    target: str
+    action: str
+    detail: str = ""
+    ok: bool = True
+
+    def __str__(self) -> str:
+        mark = "" if self.ok else "FAILED "
+        return f"{mark}{self.action} {self.target}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass(frozen=True)
+class AccountRevocation:
+    """What revoking an account did (the onboarding handler's ``RevocationReport``)."""
+
+    account: str
+    actions: tuple[Action, ...]
+
+    @property
+    def complete(self) -> bool:
+        return all(action.ok for action in self.actions)
+
+    def summary(self) -> str:
+        failed = [a for a in self.actions if not a.ok]
+        text = f"account {self.account}: {len(self.actions)} action(s)"
+        return text + (f", {len(failed)} failed: {failed[0]}" if failed else "")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<12} {self.detail}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    staff: str
+    account: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def __str__(self) -> str:
+        return "\n".join(str(check) for check in self.checks)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def trust_policy(provider_arn: str, provider_url: str, audience: str, subject: str) -> dict[str, Any]:
+    """Only web-identity tokens from this provider, for this audience and subject."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Federated": provider_arn},
+                "Action": "sts:AssumeRoleWithWebIdentity",
+                "Condition": {
+                    "StringEquals": {f"{provider_url}:aud": audience, f"{provider_url}:sub": subject}
+                },
+            }
+        ],
+    }
+
+
+def _policy_document(value: Any) -> Any:
+    """IAM returns policy documents URL-encoded (real AWS) or already decoded (some SDKs/mocks)."""
+    if isinstance(value, str):
+        return json.loads(urllib.parse.unquote(value))
+    return value
+
+
+class SupportAccess:
+    """Grant, list, verify, revoke, expire and reconcile read-only support access.
+
+    Collaborators are injected so each can be replaced in tests: the key store (HSM), the account
+    registry (filled by onboarding), the AWS environment (operations session and endpoints), the
+    issuer publisher, the clock and the audit log.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        registry: AccountRegistry,
+        aws: AwsEnvironment,
+        publisher: IssuerPublisher,
+        settings: GrantSettings,
+        *,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.aws = aws
+        self.publisher = publisher
+        self.settings = settings
+        self.clock = clock
+        self.audit = audit or NullAuditLog()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    @property
+    def scheme(self) -> IssuerScheme:
+        return self.settings.issuer
+
+    def _iam(self, account: str) -> Any:
+        registration = self.registry.require(account)
+        return self.aws.management_iam(account, registration.role_arn)
+
+    def _call(self, iam: Any, operation: str, *, fresh: Iterable[str] = (), **params: Any) -> dict[str, Any]:
+        try:
+            return self.aws.retries.call(iam, operation, fresh=frozenset(fresh), **params)
+        except botocore.exceptions.ClientError as exc:
+            raise translate(exc, operation) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise translate(exc, operation) from exc
+
+    def _gone_ok(self, iam: Any, operation: str, **params: Any) -> bool:
+        """Run a delete-like call; NoSuchEntity counts as done. Returns whether it did something."""
+        try:
+            self._call(iam, operation, **params)
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return False
+            raise
+        return True
+
+    def _get_role(self, iam: Any, role_name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._call(iam, "GetRole", RoleName=role_name)["Role"])
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return None
+            raise
+
+    def _staff_policy_arn(self, binding: Binding, partition: str) -> str:
+        return f"arn:{partition}:iam::{binding.account}:policy/{binding.role_name}"
+
+    def _partition(self, account: str) -> str:
+        return self.registry.require(account).partition
+
+    @staticmethod
+    def _subject(binding: Binding) -> str:
+        return binding.staff.lower()
+
+    def _canonical_binding(self, binding: Binding) -> tuple[Binding, KeyInfo | None]:
+        """The binding as first granted (staff-id case) and its key, if any."""
+        key = self.store.find(binding)
+        return (key.binding if key else binding), key
+
+    def _check_grant_inputs(
+        self, staff: str, account: str, ticket: str, ttl: dt.timedelta, alg: SignatureAlgorithm | str
+    ) -> tuple[Binding, SignatureAlgorithm, dt.datetime]:
+        binding = Binding(staff, account)
+        validate_ticket(ticket)
+        algorithm = SignatureAlgorithm.parse(alg)
+        if algorithm not in STS_ALGORITHMS:
+            allowed = ", ".join(sorted(a.value for a in STS_ALGORITHMS))
+            raise UnsupportedAlgorithmError(
+                f"STS does not accept {algorithm.value} for web-identity tokens (allowed: {allowed})"
+            )
+        if not isinstance(ttl, dt.timedelta) or ttl <= dt.timedelta(0):
+            raise InvalidInputError(f"ttl must be a positive timedelta, got {ttl!r}")
+        if ttl > self.settings.max_ttl:
+            raise InvalidInputError(f"ttl {ttl} exceeds the maximum of {self.settings.max_ttl}")
+        return binding, algorithm, (self.clock() + ttl).replace(microsecond=0)
+
+    # -- grant --------------------------------------------------------------------------------------
+
+    def grant(
+        self,
+        staff: str,
+        account: str,
+        *,
+        ticket: str,
+        ttl: dt.timedelta,
+        alg: SignatureAlgorithm | str = SignatureAlgorithm.ES256,
+    ) -> Grant:
+        """Create (or refresh) the pair's access. Idempotent: a repeat only updates ticket and expiry."""
+        binding, algorithm, expires_at = self._check_grant_inputs(staff, account, ticket, ttl, alg)
+        iam = self._iam(account)  # fails early when the account is not onboarded or the role is gone
+        partition = self._partition(account)
+        binding, key = self._canonical_binding(binding)
+
+        role = self._get_role(iam, binding.role_name)
+        record = GrantRecord.from_description(role.get("Description")) if role else None
+        if role is not None and record is None:
+            raise NotOwnedError(
+                f"role {binding.role_name} exists in account {account} but was not created by hsm-keys; "
+                "it is left alone (rename or remove it to grant access to this staff member)",
+                operation="GetRole",
+                code="NotOwned",
+            )
+
+        if key is None:
+            spec = self.settings.key_specs.get(algorithm)
+            if spec is None:
+                raise UnsupportedAlgorithmError(f"no key spec configured for {algorithm.value}")
+            key = self.store.generate(spec, binding)
+            self.audit.record(
+                "key.generate", kid=key.kid, staff=binding.staff, account=account, spec=spec.value
+            )
+        elif not algorithm.allows(key.spec):
+            raise UnsupportedAlgorithmError(
+                f"{binding} already has a {key.spec.value} key, which cannot sign {algorithm.value}; "
+                f"use {key.default_algorithm.value} or revoke first"
+            )
+        if record is not None and record.kid != key.kid:
+            # The role trusts a key that is gone: the grant is stale, rebuild its IAM side.
+            self._delete_role(iam, binding.role_name)
+            role, record = None, None
+
+        self._publish(binding, key, algorithm)
+        thumbprint = self._served_thumbprint()
+        provider_arn, provider_fresh = self._ensure_provider(iam, binding, thumbprint)
+
+        new = GrantRecord(binding.staff, ticket, expires_at, key.kid, algorithm)
+        expected_trust = trust_policy(
+            provider_arn, self.scheme.provider_url(binding), self.scheme.audience, self._subject(binding)
+        )
+        if role is not None and _policy_document(role.get("AssumeRolePolicyDocument")) != expected_trust:
+            # The management policy grants no UpdateAssumeRolePolicy: replace the role instead.
+            self._delete_role(iam, binding.role_name)
+            role = None
+        if role is None:
+            role = self._call(
+                iam,
+                "CreateRole",
+                fresh=_FRESH_PRINCIPAL_ERRORS if provider_fresh else (),
+                RoleName=binding.role_name,
+                AssumeRolePolicyDocument=json.dumps(expected_trust),
+                Description=new.to_description(),
+                MaxSessionDuration=self.settings.session_duration,
+            )["Role"]
+            role_fresh = True
+        else:
+            self._call(
+                iam, "UpdateRoleDescription", RoleName=binding.role_name, Description=new.to_description()
+            )
+            role_fresh = False
+        fresh = _FRESH_ROLE_ERRORS if role_fresh else frozenset()
+        self._call(
+            iam,
+            "AttachRolePolicy",
+            fresh=fresh,
+            RoleName=binding.role_name,
+            PolicyArn=SECURITY_AUDIT_ARN.format(partition=partition),
+        )
+        policy_arn, policy_fresh = self._ensure_staff_policy(iam, binding, partition)
+        self._call(
+            iam,
+            "AttachRolePolicy",
+            fresh=fresh | (_FRESH_ROLE_ERRORS if policy_fresh else frozenset()),
+            RoleName=binding.role_name,
+            PolicyArn=policy_arn,
+        )
+        provider = self._call(iam, "GetOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn)
+        grant = Grant(
+            staff=binding.staff,
+            account=account,
+            ticket=ticket,
+            expires_at=new.expires_at,
+            kid=key.kid,
+            alg=algorithm,
+            issuer=self.scheme.issuer(binding),
+            role_arn=str(role["Arn"]),
+            provider_arn=provider_arn,
+            staff_policy_arn=policy_arn,
+            thumbprints=tuple(provider.get("ThumbprintList", ())),
+        )
+        self.audit.record(
+            "access.grant",
+            staff=binding.staff,
+            account=account,
+            ticket=ticket,
+            expires_at=grant.expires_at.isoformat(),
+            kid=key.kid,
+            alg=algorithm.value,
+        )
+        return grant
+
+    def _publish(self, binding: Binding, key: KeyInfo, alg: SignatureAlgorithm) -> None:
+        issuer = self.scheme.issuer(binding)
+        discovery = oidc.discovery_document(issuer, self.scheme.jwks_uri(binding), [alg.value])
+        documents = issuer_documents(discovery, oidc.jwks([key], alg=alg))
+        self.publisher.publish(self._issuer_path(binding), documents)
+
+    def _issuer_path(self, binding: Binding) -> str:
+        base = self.scheme.base_path
+        relative = self.scheme.relative_path(binding)
+        return f"{base}/{relative}" if base else relative
+
+    def _served_thumbprint(self) -> str:
+        host = self.scheme.host
+        chain = fetch_chain(
+            host,
+            443,
+            resolve=self.settings.https.resolve,
+            ca_bundle=self.settings.https.ca_bundle,
+            timeout=self.settings.https.timeout,
+        )
+        return oidc_thumbprint(chain)
+
+    def _find_provider(self, iam: Any, arn: str) -> dict[str, Any] | None:
+        try:
+            return self._call(iam, "GetOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return None
+            raise
+
+    def _ensure_provider(self, iam: Any, binding: Binding, thumbprint: str) -> tuple[str, bool]:
+        arn = self.scheme.provider_arn(binding)
+        provider = self._find_provider(iam, arn)
+        if provider is not None and self.scheme.audience not in provider.get("ClientIDList", []):
+            # Adding a client id is not permitted by the management policy: recreate with the final list.
+            self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
+            provider = None
+        if provider is None:
+            created = self._call(
+                iam,
+                "CreateOpenIDConnectProvider",
+                Url=self.scheme.issuer(binding),
+                ClientIDList=[self.scheme.audience],
+                ThumbprintList=[thumbprint],
+            )
+            return str(created["OpenIDConnectProviderArn"]), True
+        current = list(provider.get("ThumbprintList", []))
+        if thumbprint.lower() not in {t.lower() for t in current}:
+            merged = merge_thumbprints(current, thumbprint)
+            self._call(
+                iam,
+                "UpdateOpenIDConnectProviderThumbprint",
+                OpenIDConnectProviderArn=arn,
+                ThumbprintList=merged,
+            )
+        return arn, False
+
+    def _ensure_staff_policy(self, iam: Any, binding: Binding, partition: str) -> tuple[str, bool]:
+        arn = self._staff_policy_arn(binding, partition)
+        wanted = dict(self.settings.staff_policy)
+        try:
+            policy = self._call(iam, "GetPolicy", PolicyArn=arn)["Policy"]
+        except AwsError as exc:
+            if exc.code != "NoSuchEntity":
+                raise
+            policy = None
+        if policy is None:
+            self._call(
+                iam,
+                "CreatePolicy",
+                PolicyName=binding.role_name,
+                PolicyDocument=json.dumps(wanted),
+                Description=f"{MARKER}; staff={binding.staff}; extra read-only support permissions",
+            )
+            return arn, True
+        if not str(policy.get("Description", "")).startswith(MARKER):
+            raise NotOwnedError(
+                f"policy {binding.role_name} exists in account {binding.account} "
+                "but was not created by hsm-keys",
+                operation="GetPolicy",
+                code="NotOwned",
+            )
+        version = self._call(iam, "GetPolicyVersion", PolicyArn=arn, VersionId=policy["DefaultVersionId"])
+        if _policy_document(version["PolicyVersion"]["Document"]) != wanted:
+            self._prune_policy_versions(iam, arn, keep=4)
+            self._call(
+                iam,
+                "CreatePolicyVersion",
+                PolicyArn=arn,
+                PolicyDocument=json.dumps(wanted),
+                SetAsDefault=True,
+            )
+        return arn, False
+
+    def _prune_policy_versions(self, iam: Any, arn: str, *, keep: int) -> None:
+        """IAM keeps at most 5 versions: delete the oldest non-default ones beyond ``keep``."""
+        versions = self._call(iam, "ListPolicyVersions", PolicyArn=arn)["Versions"]
+        old = sorted((v for v in versions if not v["IsDefaultVersion"]), key=lambda v: v["CreateDate"])
+        for version in old[: max(0, len(versions) - keep)]:
+            self._gone_ok(iam, "DeletePolicyVersion", PolicyArn=arn, VersionId=version["VersionId"])
+
+    # -- revoke -------------------------------------------------------------------------------------
+
+    def _delete_role(self, iam: Any, role_name: str) -> list[Action]:
+        """Detach every managed policy, then delete the role. Conflicts we may not clear are reported."""
+        actions: list[Action] = []
+        account = ""
+        try:
+            attached = self._call(iam, "ListAttachedRolePolicies", RoleName=role_name)["AttachedPolicies"]
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return actions
+            raise
+        for policy in attached:
+            if self._gone_ok(iam, "DetachRolePolicy", RoleName=role_name, PolicyArn=policy["PolicyArn"]):
+                actions.append(Action(account, policy["PolicyArn"], "detached policy", f"from {role_name}"))
+        inline = self._call(iam, "ListRolePolicies", RoleName=role_name).get("PolicyNames", [])
+        if inline:
+            raise AccessDeniedError(
+                f"role {role_name} has inline policies ({', '.join(inline)}) that someone else added; "
+                "the management policy does not permit iam:DeleteRolePolicy, so remove them in the account "
+                "and revoke again",
+                operation="DeleteRole",
+                code="DeleteConflict",
+            )
+        try:
+            if self._gone_ok(iam, "DeleteRole", RoleName=role_name):
+                actions.append(Action(account, role_name, "deleted role"))
+        except AwsError as exc:
+            if exc.code == "DeleteConflict":
+                raise AccessDeniedError(
+                    f"role {role_name} cannot be deleted: {exc} (an instance profile or permissions boundary "
+                    "someone else added; the management policy cannot clear it: remove it in the account and "
+                    "revoke again)",
+                    operation="DeleteRole",
+                    code="DeleteConflict",
+                ) from exc
+            raise
+        return actions
+
+    def _delete_staff_policy(self, iam: Any, arn: str) -> list[Action]:
+        try:
+            policy = self._call(iam, "GetPolicy", PolicyArn=arn)["Policy"]
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return []
+            raise
+        if not str(policy.get("Description", "")).startswith(MARKER):
+            return [Action("", arn, "left alone", "policy not created by hsm-keys", ok=True)]
+        if int(policy.get("AttachmentCount", 0)):
+            entities = self._call(iam, "ListEntitiesForPolicy", PolicyArn=arn)
+            for role in entities.get("PolicyRoles", []):
+                if role["RoleName"].startswith("DoiT-Support"):
+                    self._gone_ok(iam, "DetachRolePolicy", RoleName=role["RoleName"], PolicyArn=arn)
+        versions = self._call(iam, "ListPolicyVersions", PolicyArn=arn)["Versions"]
+        for version in versions:
+            if not version["IsDefaultVersion"]:
+                self._gone_ok(iam, "DeletePolicyVersion", PolicyArn=arn, VersionId=version["VersionId"])
+        try:
+            self._gone_ok(iam, "DeletePolicy", PolicyArn=arn)
+        except AwsError as exc:
+            if exc.code == "DeleteConflict":
+                raise AccessDeniedError(
+                    f"policy {arn} is still attached to entities the management policy may not detach from; "
+                    "detach it in the account and revoke again",
+                    operation="DeletePolicy",
+                    code="DeleteConflict",
+                ) from exc
+            raise
+        return [Action("", arn, "deleted policy")]
+
+    def revoke(self, staff: str, account: str) -> list[Action]:
+        """Remove the pair's role, policy, provider, key and issuer. Safe to repeat."""
+        binding, key = self._canonical_binding(Binding(staff, account))
+        iam = self._iam(account)
+        partition = self._partition(account)
+        actions: list[Action] = []
+        role = self._get_role(iam, binding.role_name)
+        if role is not None:
+            if GrantRecord.from_description(role.get("Description")) is None:
+                raise NotOwnedError(
+                    f"role {binding.role_name} in account {account} was not created by hsm-keys; "
+                    "not deleting it",
+                    operation="GetRole",
+                    code="NotOwned",
+                )
+            actions += self._delete_role(iam, binding.role_name)
+        actions += self._delete_staff_policy(iam, self._staff_policy_arn(binding, partition))
+        provider_arn = self.scheme.provider_arn(binding)
+        if self._find_provider(iam, provider_arn) is not None and self._gone_ok(
+            iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn
+        ):
+            actions.append(Action(account, provider_arn, "deleted provider"))
+        actions += self._destroy_key_and_issuer(binding, key)
+        self.audit.record("access.revoke", staff=binding.staff, account=account)
+        return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
+
+    def _destroy_key_and_issuer(self, binding: Binding, key: KeyInfo | None) -> list[Action]:
+        actions = []
+        if key is not None:
+            try:
+                self.store.destroy(key.kid)
+                self.audit.record("key.destroy", kid=key.kid, staff=binding.staff, account=binding.account)
+                actions.append(Action(binding.account, key.kid, "destroyed key"))
+            except KeyNotFoundError:
+                pass
+        path = self._issuer_path(binding)
+        if path.strip("/") in {p.strip("/") for p in self.publisher.published()}:
+            self.publisher.unpublish(path)
+            actions.append(Action(binding.account, self.scheme.issuer(binding), "unpublished issuer"))
+        return actions
+
+    def purge_account_offline(self, account: str) -> AccountRevocation:
+        """When the management role is gone: destroy the account's keys and unpublish its issuers."""
+        return AccountRevocation(account, tuple(self._purge_offline(account)))
+
+    def _purge_offline(self, account: str) -> list[Action]:
+        actions: list[Action] = []
+        for key in self.store.list_keys():
+            if key.binding.account == account:
+                actions += self._destroy_key_and_issuer(key.binding, key)
+        for path in self.publisher.published():
+            parts = path.strip("/").split("/")
+            if len(parts) >= 2 and parts[-2] == account:
+                self.publisher.unpublish(path)
+                actions.append(Action(account, path, "unpublished issuer"))
+        return actions
+
+    def revoke_account(self, account: str) -> AccountRevocation:
+        """Revoke every grant in the account (onboarding's Delete), then clean what is left offline."""
+        actions: list[Action] = []
+        for grant in self.list_grants(account):
+            actions += self.revoke(grant.staff, account)
+        actions += self.reconcile(account)
+        actions += self._purge_offline(account)
+        return AccountRevocation(account, tuple(actions))
+
+    # -- read ---------------------------------------------------------------------------------------
+
+    def _owned_roles(self, iam: Any) -> list[tuple[dict[str, Any], GrantRecord]]:
+        roles: list[tuple[dict[str, Any], GrantRecord]] = []
+        marker: str | None = None
+        while True:
+            page = self._call(iam, "ListRoles", **({"Marker": marker} if marker else {}))
+            for listed in page.get("Roles", []):
+                if not listed["RoleName"].startswith("DoiT-Support-"):
+                    continue
+                # ListRoles may omit the description; GetRole has it
+                role = (
+                    listed if "Description" in listed else (self._get_role(iam, listed["RoleName"]) or listed)
+                )
+                record = GrantRecord.from_description(role.get("Description"))
+                if record is not None:
+                    roles.append((role, record))
+            if not page.get("IsTruncated"):
+                return roles
+            marker = page.get("Marker")
+
+    def list_grants(self, account: str) -> list[Grant]:
+        iam = self._iam(account)
+        partition = self._partition(account)
+        grants = []
+        for role, record in self._owned_roles(iam):
+            binding = Binding(record.staff, account)
+            grants.append(
+                Grant(
+                    staff=record.staff,
+                    account=account,
+                    ticket=record.ticket,
+                    expires_at=record.expires_at,
+                    kid=record.kid,
+                    alg=record.alg,
+                    issuer=self.scheme.issuer(binding),
+                    role_arn=role["Arn"],
+                    provider_arn=self.scheme.provider_arn(binding),
+                    staff_policy_arn=self._staff_policy_arn(binding, partition),
+                )
+            )
+        return sorted(grants, key=lambda g: g.staff.lower())
+
+    def expire(self, now: dt.datetime | None = None) -> list[Action]:
+        """Revoke every grant, in every registered account, whose expiry has passed."""
+        moment = now or self.clock()
+        actions: list[Action] = []
+        for registration in self.registry.accounts():
+            try:
+                grants = self.list_grants(registration.account_id)
+            except OnboardingError as exc:
+                actions.append(
+                    Action(registration.account_id, registration.role_arn, "skipped", str(exc), ok=False)
+                )
+                continue
+            for grant in grants:
+                if grant.expires_at <= moment:
+                    actions += self.revoke(grant.staff, grant.account)
+                    actions.append(
+                        Action(grant.account, grant.role_name, "expired", grant.expires_at.isoformat())
+                    )
+        return actions
+
+    def reconcile(self, account: str) -> list[Action]:
+        """Compare the HSM, the registry and IAM for what we own; repair drift; report each action."""
+        iam = self._iam(account)
+        partition = self._partition(account)
+        actions: list[Action] = []
+        keys = {key.binding.key: key for key in self.store.list_keys() if key.binding.account == account}
+        roles = {
+            Binding(record.staff, account).key: (role, record) for role, record in self._owned_roles(iam)
+        }
+        providers = {}
+        for entry in self._call(iam, "ListOpenIDConnectProviders").get("OpenIDConnectProviderList", []):
+            named = self.scheme.binding_of_provider_arn(entry["Arn"], account)
+            if named is not None:
+                providers[named] = entry["Arn"]
+
+        for identity, (role, record) in roles.items():
+            binding = Binding(record.staff, account)
+            key = keys.get(identity)
+            if key is None or key.kid != record.kid:
+                actions += self.revoke(binding.staff, account)
+                actions.append(Action(account, binding.role_name, "removed grant", "its key is gone"))
+                continue
+            if record.expires_at <= self.clock():
+                actions += self.revoke(binding.staff, account)
+                actions.append(Action(account, binding.role_name, "removed grant", "expired"))
+                continue
+            missing = self._missing_parts(iam, binding, role, partition, providers)
+            if missing:
+                ttl = record.expires_at - self.clock()
+                self.grant(binding.staff, account, ticket=record.ticket, ttl=ttl, alg=record.alg)
+                actions.append(Action(account, binding.role_name, "completed grant", ", ".join(missing)))
+
+        for identity, key in keys.items():
+            if identity not in roles:
+                binding = key.binding
+                arn = providers.get(identity)
+                if arn is not None:
+                    self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
+                    actions.append(Action(account, arn, "deleted provider", "half-made grant (no role)"))
+                actions += self._delete_staff_policy(iam, self._staff_policy_arn(binding, partition))
+                actions += self._destroy_key_and_issuer(binding, key)
+                actions.append(Action(account, key.kid, "removed half-made grant", "key without role"))
+
+        for identity, arn in providers.items():
+            if identity not in roles and identity not in keys:
+                self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
+                actions.append(Action(account, arn, "deleted provider", "no key and no role"))
+        return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
+
+    def _missing_parts(
+        self,
+        iam: Any,
+        binding: Binding,
+        role: Mapping[str, Any],
+        partition: str,
+        providers: Mapping[Any, str],
+    ) -> list[str]:
+        missing = []
+        if binding.key not in providers:
+            missing.append("provider")
+        attached = {
+            p["PolicyArn"]
+            for p in self._call(iam, "ListAttachedRolePolicies", RoleName=binding.role_name)[
+                "AttachedPolicies"
+            ]
+        }
+        if SECURITY_AUDIT_ARN.format(partition=partition) not in attached:
+            missing.append("SecurityAudit attachment")
+        if self._staff_policy_arn(binding, partition) not in attached:
+            missing.append("staff policy")
+        path = self._issuer_path(binding).strip("/")
+        if path not in {p.strip("/") for p in self.publisher.published()}:
+            missing.append("issuer documents")
+        return missing
+
+    # -- tokens and credentials ---------------------------------------------------------------------
+
+    def _record_for(self, iam: Any, binding: Binding) -> tuple[dict[str, Any], GrantRecord]:
+        role = self._get_role(iam, binding.role_name)
+        record = GrantRecord.from_description(role.get("Description")) if role else None
+        if role is None or record is None:
+            raise OnboardingError(
+                f"{binding} has no grant (no role {binding.role_name} created by hsm-keys)", code="NoGrant"
+            )
+        return role, record
+
+    def mint_token(self, binding: Binding, kid: str, alg: SignatureAlgorithm) -> str:
+        return oidc.mint_jwt(
+            self.store,
+            kid,
+            {"iss": self.scheme.issuer(binding), "sub": self._subject(binding), "aud": self.scheme.audience},
+            alg,
+            ttl=int(self.settings.token_ttl.total_seconds()),
+            now=self.clock(),
+        )
+
+    def credentials(self, staff: str, account: str, *, session_name: str | None = None) -> boto3.Session:
+        """Exchange an HSM-signed JWT at STS for the role's short-lived read-only credentials."""
+        binding, key = self._canonical_binding(Binding(staff, account))
+        role, record = self._record_for(self._iam(account), binding)
+        if key is None or key.kid != record.kid:
+            raise KeyNotFoundError(f"the key of {binding}'s grant ({record.kid}) is not in the store")
+        if record.expires_at <= self.clock():
+            raise OnboardingError(
+                f"{binding}'s grant expired at {record.expires_at.isoformat()}", code="Expired"
+            )
+        sts = self.aws.client("sts", config=botocore.config.Config(signature_version=UNSIGNED))
+        name = session_name or re.sub(r"[^\w+=,.@-]", "-", f"{binding.staff}.{record.ticket}")[:64]
+        issuer = self.scheme.issuer(binding)
+        attempts = max(1, self.settings.sts_attempts)
+        for attempt in range(attempts):
+            token = self.mint_token(binding, key.kid, record.alg)  # a fresh token for every try
+            try:
+                response = sts.assume_role_with_web_identity(
+                    RoleArn=role["Arn"],
+                    RoleSessionName=name,
+                    WebIdentityToken=token,
+                    DurationSeconds=self.settings.session_duration,
+                )
+                break
+            except botocore.exceptions.ClientError as exc:
+                code = error_code(exc)
+                message = str(exc.response.get("Error", {}).get("Message", ""))
+                transient = code in _STS_TRANSIENT or (
+                    code == "InvalidIdentityToken" and "retrieve verification key" in message
+                )
+                if transient and attempt + 1 < attempts:
+                    self.aws.retries.sleep(
+                        min(self.aws.retries.max_delay, self.aws.retries.base_delay * 2**attempt)
+                    )
+                    continue
+                raise StsExchangeError(
+                    f"STS refused the web-identity token for {role['Arn']} (iss={issuer}, "
+                    f"aud={self.scheme.audience}): {code}: {message}",
+                    operation="AssumeRoleWithWebIdentity",
+                    code=code,
+                ) from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise translate(exc, "AssumeRoleWithWebIdentity") from exc
+        credentials = response["Credentials"]
+        self.audit.record(
+            "access.credentials",
+            staff=binding.staff,
+            account=account,
+            kid=key.kid,
+            token_digest=digest(token),
+            expires_at=str(credentials["Expiration"]),
+        )
+        return boto3.Session(
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+            region_name=self.aws.region,
+        )
+
+    # -- verify -------------------------------------------------------------------------------------
+
+    def verify(self, staff: str, account: str) -> VerifyReport:
+        """What STS will check, one line each, with the reason for any failure."""
+        binding, key = self._canonical_binding(Binding(staff, account))
+        checks: list[Check] = []
+
+        def check(name: str, probe: Callable[[], str]) -> bool:
+            try:
+                checks.append(Check(name, True, probe()))
+                return True
+            except (HsmKeysError, ValueError, KeyError, TypeError) as exc:
+                checks.append(Check(name, False, str(exc) or type(exc).__name__))
+                return False
+
+        context: dict[str, Any] = {}
+
+        def registered() -> str:
+            registration = self.registry.require(account)
+            context["iam"] = self.aws.management_iam(account, registration.role_arn)
+            return f"management role {registration.role_arn} assumed"
+
+        def role_ok() -> str:
+            role, record = self._record_for(context["iam"], binding)
+            context["role"], context["record"] = role, record
+            if record.expires_at <= self.clock():
+                raise ValueError(f"grant expired at {record.expires_at.isoformat()}")
+            return f"{role['Arn']} (ticket {record.ticket}, expires {record.expires_at.isoformat()})"
+
+        def key_ok() -> str:
+            record: GrantRecord = context["record"]
+            if key is None:
+                raise KeyNotFoundError(f"no key for {binding} in the store")
+            if key.kid != record.kid:
+                raise ValueError(f"role trusts kid {record.kid} but the store holds {key.kid}")
+            if record.alg not in STS_ALGORITHMS or not record.alg.allows(key.spec):
+                raise ValueError(f"{record.alg.value} with a {key.spec.value} key is not accepted by STS")
+            return f"kid {key.kid} ({key.spec.value}, {record.alg.value})"
+
+        def discovery_ok() -> str:
+            url = self.scheme.discovery_url(binding)
+            status, body = https_get(url, self.settings.https)
+            if status != 200:
+                raise ValueError(f"GET {url} answered HTTP {status}")
+            document = json.loads(body)
+            if document.get("issuer") != self.scheme.issuer(binding):
+                raise ValueError(
+                    f"discovery issuer {document.get('issuer')!r} != {self.scheme.issuer(binding)!r}"
+                )
+            if document.get("jwks_uri") != self.scheme.jwks_uri(binding):
+                raise ValueError(
+                    f"jwks_uri {document.get('jwks_uri')!r} != {self.scheme.jwks_uri(binding)!r}"
+                )
+            algs = document.get("id_token_signing_alg_values_supported", [])
+            if context["record"].alg.value not in algs:
+                raise ValueError(
+                    f"{context['record'].alg.value} not in id_token_signing_alg_values_supported {algs}"
+                )
+            return f"{url} reachable over HTTPS"
+
+        def jwks_ok() -> str:
+            url = self.scheme.jwks_uri(binding)
+            status, body = https_get(url, self.settings.https)
+            if status != 200:
+                raise ValueError(f"GET {url} answered HTTP {status}")
+            entries = [k for k in json.loads(body).get("keys", []) if k.get("kid") == context["record"].kid]
+            if not entries:
+                raise ValueError(f"JWKS at {url} has no key with kid {context['record'].kid}")
+            if jwk_thumbprint(jwk_to_public_key(entries[0])) != context["record"].kid:
+                raise ValueError("the published key's thumbprint does not match its kid")
+            context["jwk"] = entries[0]
+            return f"kid present, thumbprint matches ({len(json.loads(body).get('keys', []))} key(s))"
+
+        def provider_ok() -> str:
+            arn = self.scheme.provider_arn(binding)
+            provider = self._find_provider(context["iam"], arn)
+            if provider is None:
+                raise ValueError(f"no OIDC provider {arn}")
+            context["provider"] = provider
+            if self.scheme.audience not in provider.get("ClientIDList", []):
+                raise ValueError(
+                    f"audience {self.scheme.audience} not in client ids {provider.get('ClientIDList')}"
+                )
+            return f"{arn}, client ids {provider.get('ClientIDList')}"
+
+        def thumbprint_ok() -> str:
+            served = self._served_thumbprint()
+            listed = [t.lower() for t in context["provider"].get("ThumbprintList", [])]
+            if served.lower() not in listed:
+                raise ValueError(f"served chain's thumbprint {served} not in provider list {listed}")
+            return f"served chain thumbprint {served} is registered"
+
+        def trust_ok() -> str:
+            expected = trust_policy(
+                self.scheme.provider_arn(binding),
+                self.scheme.provider_url(binding),
+                self.scheme.audience,
+                self._subject(binding),
+            )
+            actual = _policy_document(context["role"].get("AssumeRolePolicyDocument"))
+            if actual != expected:
+                raise ValueError(f"trust policy differs from what the token satisfies: {json.dumps(actual)}")
+            return f"accepts aud={self.scheme.audience}, sub={self._subject(binding)} from the provider only"
+
+        def token_ok() -> str:
+            record: GrantRecord = context["record"]
+            token = self.mint_token(binding, record.kid, record.alg)
+            claims = oidc.verify_jwt(
+                token,
+                context["jwk"],
+                audience=self.scheme.audience,
+                issuer=self.scheme.issuer(binding),
+                now=self.clock(),
+                algorithms=[record.alg],
+            )
+            if claims.get("sub") != self._subject(binding):
+                raise ValueError(f"token sub {claims.get('sub')!r} does not match the trust policy")
+            return "an HSM-signed token verifies against the published JWKS"
+
+        steps: list[tuple[str, Callable[[], str]]] = [
+            ("onboarded", registered),
+            ("role", role_ok),
+            ("key", key_ok),
+            ("discovery", discovery_ok),
+            ("jwks", jwks_ok),
+            ("provider", provider_ok),
+            ("thumbprint", thumbprint_ok),
+            ("trust", trust_ok),
+            ("token", token_ok),
+        ]
+        needs = {
+            "role": "onboarded",
+            "key": "role",
+            "discovery": "role",
+            "jwks": "role",
+            "provider": "onboarded",
+            "thumbprint": "provider",
+            "trust": "role",
+            "token": "jwks",
+        }
+        passed: set[str] = set()
+        for name, probe in steps:
+            prerequisite = needs.get(name)
+            if prerequisite and prerequisite not in passed:
+                checks.append(Check(name, False, f"not checked: {prerequisite} failed"))
+                continue
+            if check(name, probe):
+                passed.add(name)
+        return VerifyReport(binding.staff, account, tuple(checks))
