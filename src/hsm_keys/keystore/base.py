@@ -64,6 +64,25 @@ class SignResult:
         return self.error is None
 
 
+_ALGORITHMS_BY_NAME = {alg.value.lower(): alg for alg in SignatureAlgorithm}
+_ALLOWED_PAIRS: set[tuple[SignatureAlgorithm, KeySpec]] = set()
+
+
+def _parse_algorithm(alg: SignatureAlgorithm | str) -> SignatureAlgorithm:
+    """``SignatureAlgorithm.parse`` with a dictionary in front: it runs once per signature."""
+    if isinstance(alg, SignatureAlgorithm):
+        return alg
+    found = _ALGORITHMS_BY_NAME.get(alg.lower()) if isinstance(alg, str) else None
+    return found if found is not None else SignatureAlgorithm.parse(alg)
+
+
+def _check_spec(alg: SignatureAlgorithm, spec: KeySpec) -> None:
+    """``alg.check_spec(spec)``, remembering the pairs that passed."""
+    if (alg, spec) not in _ALLOWED_PAIRS:
+        alg.check_spec(spec)
+        _ALLOWED_PAIRS.add((alg, spec))
+
+
 def _check_message(message: object, index: int) -> bytes:
     if isinstance(message, (bytes, bytearray, memoryview)):
         return bytes(message)
@@ -147,8 +166,21 @@ class KeyStore(abc.ABC):
         return self.get(kid).public_key
 
     def sign(self, kid: str, message: bytes, alg: SignatureAlgorithm | str, *, verify: bool = False) -> bytes:
-        """A batch of one."""
-        return self.sign_many(kid, [message], alg, workers=1, verify=verify)[0]
+        """A batch of one: same checks and outcome as ``sign_many(kid, [message], alg)[0]``.
+
+        Written out rather than delegated because it is the hot path of token minting: no
+        ``SignResult``, and backends never hop to another thread or process for a batch of one.
+        """
+        algorithm = _parse_algorithm(alg)
+        payload = _check_message(message, 0)
+        info = self.get(kid)
+        _check_spec(algorithm, info.spec)
+        outcome = self._sign_batch(info, (payload,), algorithm, 1)[0]
+        if isinstance(outcome, HsmKeysError):
+            raise outcome
+        if verify and not verify_signature(info.public_key, outcome, payload, algorithm):
+            raise SigningError("item 0: the store returned a signature that does not verify")
+        return outcome
 
     def sign_many(
         self,
@@ -188,14 +220,14 @@ class KeyStore(abc.ABC):
         Errors that concern the whole batch (unknown kid, wrong algorithm for the key, closed store)
         are raised before anything is signed.
         """
-        algorithm = SignatureAlgorithm.parse(alg)
+        algorithm = _parse_algorithm(alg)
         if isinstance(messages, (bytes, bytearray, str)):
             raise InvalidInputError("messages must be a sequence of bytes objects, not a single message")
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise InvalidInputError(f"workers must be a positive integer, got {workers!r}")
         payloads = [_check_message(m, i) for i, m in enumerate(messages)]
         info = self.get(kid)
-        algorithm.check_spec(info.spec)
+        _check_spec(algorithm, info.spec)
         if not payloads:
             return []
         outcomes = self._sign_batch(info, payloads, algorithm, workers)

@@ -77,8 +77,13 @@ class SessionPool(Generic[S]):
         self._closed = False
 
     def acquire(self, timeout: float | None = None) -> PooledSession[S]:
-        deadline = self._clock() + (self.wait_timeout if timeout is None else timeout)
         with self._cond:
+            # Fast path (every signature takes it in steady state): an idle session, no clock read.
+            if self._idle and not self._closed:
+                pooled = self._idle.pop()
+                pooled.uses += 1
+                return pooled
+            deadline = self._clock() + (self.wait_timeout if timeout is None else timeout)
             while True:
                 if self._closed:
                     raise PoolTimeoutError("the session pool is closed")
@@ -156,12 +161,15 @@ class SessionPool(Generic[S]):
             self._close_quietly(pooled)
 
     def abandon(self) -> None:
-        """Forget every session without closing it (after a fork: they belong to the parent)."""
-        with self._cond:
-            self._closed = True
-            self._idle = []
-            self._open = 0
-            self._cond.notify_all()
+        """Forget every session without closing it (after a fork: they belong to the parent).
+
+        Takes no lock: in a forked child the lock may have been held by a parent thread that does
+        not exist here, and waiting for it would hang forever.
+        """
+        self._cond = threading.Condition()
+        self._closed = True
+        self._idle = []
+        self._open = 0
 
     def stats(self) -> PoolStats:
         with self._cond:
