@@ -33,6 +33,10 @@ _RECORD_HEADER = 5
 _READ_SIZE = 65536
 
 
+class _ServerClosedError(Exception):
+    """The peer closed the socket before the handshake finished."""
+
+
 def fetch_chain(
     host: str,
     port: int = 443,
@@ -71,8 +75,8 @@ def fetch_chain(
     deadline = time.monotonic() + timeout
     try:
         stream, leaf = _handshake(context, address, name, deadline)
-    except TlsError:
-        raise
+    except _ServerClosedError as exc:
+        raise TlsError(f"{where}: the server closed the connection during the handshake") from exc
     except (OSError, ssl.SSLError) as exc:  # ssl.SSLError is an OSError; listed for clarity
         raise _tls_error(exc, where, timeout) from exc
 
@@ -137,7 +141,7 @@ def _handshake(
                 sock.settimeout(_remaining(deadline))
                 data = sock.recv(_READ_SIZE)
                 if not data:
-                    raise TlsError("the server closed the connection during the handshake") from None
+                    raise _ServerClosedError from None
                 received += data
                 incoming.write(data)
             except ssl.SSLError:
@@ -224,6 +228,8 @@ def _tls_error(exc: BaseException, where: str, timeout: float) -> TlsError:
         return TlsError(f"{where}: TLS handshake failed: {reason}")
     if isinstance(exc, TimeoutError):
         return TlsError(f"{where}: no complete handshake within {timeout:g} s")
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return TlsError(f"{where}: the server closed the connection during the handshake ({exc})")
     if isinstance(exc, socket.gaierror):
         return TlsError(f"{where}: could not resolve the host name: {exc}")
     return TlsError(f"{where}: could not connect: {exc}")

@@ -108,7 +108,10 @@ def _make_pki(directory: Path, kind: str) -> Pki:
 class TlsServer:
     """Accepts connections on 127.0.0.1 and completes TLS handshakes (or stays silent)."""
 
-    def __init__(self, chain: Path | None, key: Path | None, *, tls13_only: bool = False) -> None:
+    def __init__(
+        self, chain: Path | None, key: Path | None, *, tls13_only: bool = False, hang_up: bool = False
+    ) -> None:
+        self.hang_up = hang_up
         self.context: ssl.SSLContext | None = None
         if chain is not None:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -138,6 +141,9 @@ class TlsServer:
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
+                continue
+            if self.hang_up:
+                conn.close()
                 continue
             if self.context is None:  # silent: accept, then never answer
                 self._held.append(conn)
@@ -228,6 +234,11 @@ def test_a_tls13_only_server_is_reported_clearly(pki: Pki) -> None:
 def test_a_server_that_never_answers_times_out() -> None:
     with TlsServer(None, None) as srv, pytest.raises(TlsError, match=r"within 0\.5 s"):
         fetch_chain("127.0.0.1", srv.port, server_name=HOST, timeout=0.5)
+
+
+def test_a_server_that_hangs_up_is_a_tls_error() -> None:
+    with TlsServer(None, None, hang_up=True) as srv, pytest.raises(TlsError, match="closed the connection"):
+        fetch_chain("127.0.0.1", srv.port, server_name=HOST, timeout=5)
 
 
 def test_a_closed_port_is_a_tls_error() -> None:
