@@ -300,3 +300,14 @@ def _role(name: str) -> dict[str, Any]:
         "Arn": f"{ARN}:role/{name}",
         "CreateDate": dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
     }
+
+
+def test_provisioning_package_exports_lazily() -> None:
+    import hsm_keys.provisioning as provisioning
+
+    assert sorted(provisioning.__all__) == sorted(provisioning._WHERE)
+    for name in provisioning.__all__:
+        if provisioning._WHERE[name] != "grants":  # the access layer is tested with its own module
+            assert getattr(provisioning, name).__name__ == name
+    with pytest.raises(AttributeError):
+        provisioning.NoSuchThing  # noqa: B018
