@@ -303,7 +303,7 @@ def _role(name: str) -> dict[str, Any]:
 
 
 def test_provisioning_package_exports_lazily() -> None:
-    import hsm_keys.provisioning as provisioning
+    from hsm_keys import provisioning
 
     assert sorted(provisioning.__all__) == sorted(provisioning._WHERE)
     for name in provisioning.__all__:
