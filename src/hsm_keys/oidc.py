@@ -208,6 +208,8 @@ def verify_jwt(
     (``EncodingError`` for a token that is not a JWS at all, ``UnsupportedAlgorithmError`` for an
     algorithm that is not allowed, such as ``none`` or HMAC).
     """
+    if isinstance(leeway, bool) or not isinstance(leeway, int) or leeway < 0:
+        raise InvalidInputError(f"leeway must be a non-negative number of seconds, got {leeway!r}")
     if not isinstance(token, str):
         raise EncodingError(f"a token must be a string, got {type(token).__name__}")
     parts = token.split(".")

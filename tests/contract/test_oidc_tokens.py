@@ -215,6 +215,12 @@ def test_verify_jwt_accepts_pyjwt_tokens(foreign: tuple[ec.EllipticCurvePrivateK
     claims = oidc.verify_jwt(token, {"keys": [jwk]}, audience=AUDIENCE, issuer=ISSUER, now=NOW)
     assert claims["sub"] == "alice"
     assert oidc.verify_jwt(token, key.public_key(), audience=None, issuer=None, now=NOW, algorithms=["ES256"])
+    late = NOW + dt.timedelta(seconds=65)
+    assert (
+        oidc.verify_jwt(token, jwk, audience=AUDIENCE, issuer=ISSUER, now=late, leeway=10)["sub"] == "alice"
+    )
+    with pytest.raises(InvalidInputError, match="leeway"):
+        oidc.verify_jwt(token, jwk, audience=AUDIENCE, issuer=ISSUER, now=NOW, leeway=-1)
 
 
 @pytest.mark.parametrize(
