@@ -1,0 +1,412 @@
+"""Support-access grants end to end: SoftHSM or memory keys, a moto server over HTTP, a loopback HTTPS issuer.
+
+moto enforces no IAM policy, so every recorded IAM call is also evaluated against the customers'
+management policy by a real policy evaluator (tests/policy), and tokens are checked with PyJWT.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes
+
+from hsm_keys.errors import (
+    AccessDeniedError,
+    InvalidBindingError,
+    InvalidInputError,
+    NotOwnedError,
+    OnboardingError,
+    UnsupportedAlgorithmError,
+)
+from hsm_keys.keystore import KeyStore, MemoryKeyStore
+from hsm_keys.local.environment import LocalEnvironment
+from hsm_keys.provisioning.grants import MARKER, GrantRecord
+from hsm_keys.provisioning.issuer import IssuerScheme, https_get
+from hsm_keys.provisioning.recorder import CallRecorder
+from hsm_keys.types import Binding, KeySpec, SignatureAlgorithm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))
+from iam_policy_evaluator import PolicyEvaluator
+
+pytestmark = pytest.mark.aws
+ACCOUNT = "111122223333"
+OTHER_ACCOUNT = "444455556666"
+# moto keeps one state per process, shared by every server in it: this test gets its own account.
+SOFTHSM_ACCOUNT = "777788889999"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnvironment]:
+    with MemoryKeyStore() as store, LocalEnvironment(tmp_path_factory.mktemp("grants"), store) as environment:
+        environment.onboard(ACCOUNT)
+        environment.onboard(OTHER_ACCOUNT)
+        yield environment
+
+
+@pytest.fixture
+def recorder(env: LocalEnvironment) -> Iterator[CallRecorder]:
+    calls = CallRecorder()
+    hook = lambda client, account: calls.attach(client, account_id=account)  # noqa: E731
+    env.access.aws.client_hooks.append(hook)
+    try:
+        yield calls
+    finally:
+        env.access.aws.client_hooks.remove(hook)
+
+
+def admin_iam(env: LocalEnvironment, account: str = ACCOUNT) -> Any:
+    return env.aws.client("iam", env.aws.session_in(account))
+
+
+def doit_roles(env: LocalEnvironment, account: str = ACCOUNT) -> list[str]:
+    return sorted(
+        r["RoleName"]
+        for r in admin_iam(env, account).list_roles()["Roles"]
+        if r["RoleName"].startswith("DoiT-")
+    )
+
+
+def providers(env: LocalEnvironment, account: str = ACCOUNT) -> list[str]:
+    return sorted(
+        p["Arn"]
+        for p in admin_iam(env, account).list_open_id_connect_providers()["OpenIDConnectProviderList"]
+    )
+
+
+def doit_policies(env: LocalEnvironment, account: str = ACCOUNT) -> list[str]:
+    listed = admin_iam(env, account).list_policies(Scope="Local")["Policies"]
+    return sorted(p["PolicyName"] for p in listed if p["PolicyName"].startswith("DoiT-"))
+
+
+def assert_nothing_left(env: LocalEnvironment, staff: str, account: str = ACCOUNT) -> None:
+    assert f"DoiT-Support-{staff}" not in doit_roles(env, account)
+    assert not [p for p in providers(env, account) if p.endswith(f"/{staff.lower()}")]
+    assert f"DoiT-Support-{staff}" not in doit_policies(env, account)
+    assert env.store.find(Binding(staff, account)) is None
+
+
+def test_full_flow_grant_verify_credentials_revoke(env: LocalEnvironment, recorder: CallRecorder) -> None:
+    grant = env.access.grant("alice", ACCOUNT, ticket="CS-1", ttl=dt.timedelta(hours=2))
+    assert grant.role_arn == f"arn:aws:iam::{ACCOUNT}:role/DoiT-Support-alice"
+    assert grant.provider_arn == f"arn:aws:iam::{ACCOUNT}:oidc-provider/idp.hsm-keys.test/{ACCOUNT}/alice"
+    assert grant.issuer == f"https://idp.hsm-keys.test/{ACCOUNT}/alice"
+    assert grant.alg is SignatureAlgorithm.ES256
+
+    iam = admin_iam(env)
+    role = iam.get_role(RoleName="DoiT-Support-alice")["Role"]
+    record = GrantRecord.from_description(role["Description"])
+    assert record is not None and (record.ticket, record.kid) == ("CS-1", grant.kid)
+    trust = role["AssumeRolePolicyDocument"]
+    statement = trust["Statement"][0]
+    assert statement["Principal"] == {"Federated": grant.provider_arn}
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    provider_url = grant.issuer.removeprefix("https://")
+    assert statement["Condition"]["StringEquals"] == {
+        f"{provider_url}:aud": "sts.amazonaws.com",
+        f"{provider_url}:sub": "alice",
+    }
+    attached = {
+        p["PolicyArn"]
+        for p in iam.list_attached_role_policies(RoleName="DoiT-Support-alice")["AttachedPolicies"]
+    }
+    assert attached == {"arn:aws:iam::aws:policy/SecurityAudit", grant.staff_policy_arn}
+    provider = iam.get_open_id_connect_provider(OpenIDConnectProviderArn=grant.provider_arn)
+    assert provider["ClientIDList"] == ["sts.amazonaws.com"]
+    # the provider's thumbprint is the intermediate CA's (the top certificate the server sends)
+    assert provider["ThumbprintList"] == [env.pki.intermediate.fingerprint(hashes.SHA1()).hex()]
+
+    report = env.access.verify("alice", ACCOUNT)
+    assert report.ok, str(report)
+    assert [c.name for c in report.checks] == [
+        "onboarded",
+        "role",
+        "key",
+        "discovery",
+        "jwks",
+        "provider",
+        "thumbprint",
+        "trust",
+        "token",
+    ]
+
+    session = env.access.credentials("alice", ACCOUNT)
+    identity = env.aws.client("sts", session).get_caller_identity()
+    assert identity["Account"] == ACCOUNT
+    assert ":assumed-role/DoiT-Support-alice/" in identity["Arn"]
+
+    # an independent JWT library accepts the HSM-signed token against the published JWKS
+    token = env.access.mint_token(Binding("alice", ACCOUNT), grant.kid, grant.alg)
+    status, body = https_get(f"{grant.issuer}/jwks.json", env.https)
+    assert status == 200
+    jwk = jwt.PyJWK(json.loads(body)["keys"][0])
+    claims = jwt.decode(
+        token, jwk.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer=grant.issuer
+    )
+    assert claims["sub"] == "alice" and jwt.get_unverified_header(token)["kid"] == grant.kid
+
+    actions = env.access.revoke("alice", ACCOUNT)
+    assert {a.action for a in actions} >= {
+        "deleted role",
+        "deleted policy",
+        "deleted provider",
+        "destroyed key",
+    }
+    assert_nothing_left(env, "alice")
+    status, _ = https_get(f"{grant.issuer}/jwks.json", env.https)
+    assert status == 404
+
+    evaluator = PolicyEvaluator.find()
+    if evaluator is None:
+        pytest.fail("node is required for the IAM policy evaluation (make test installs it)")
+    decisions = evaluator.evaluate_recorded(recorder)
+    assert len(decisions) >= 15
+    PolicyEvaluator.assert_all_allowed(decisions)
+
+
+def test_repeat_grant_reuses_everything_and_updates_ticket_and_expiry(env: LocalEnvironment) -> None:
+    first = env.access.grant("bob", ACCOUNT, ticket="CS-2", ttl=dt.timedelta(hours=1))
+    second = env.access.grant("bob", ACCOUNT, ticket="CS-3", ttl=dt.timedelta(hours=5))
+    assert (second.kid, second.role_arn, second.provider_arn, second.staff_policy_arn) == (
+        first.kid,
+        first.role_arn,
+        first.provider_arn,
+        first.staff_policy_arn,
+    )
+    assert second.ticket == "CS-3" and second.expires_at > first.expires_at
+    record = GrantRecord.from_description(
+        admin_iam(env).get_role(RoleName="DoiT-Support-bob")["Role"]["Description"]
+    )
+    assert record is not None and record.ticket == "CS-3"
+    assert len([k for k in env.store.list_keys() if k.binding.staff == "bob"]) == 1
+    # the same staff id in another case is the same IAM role, so the same grant
+    third = env.access.grant("BOB", ACCOUNT, ticket="CS-4", ttl=dt.timedelta(hours=1))
+    assert third.kid == first.kid and third.role_arn == first.role_arn
+    grants = env.access.list_grants(ACCOUNT)
+    assert [(g.staff, g.ticket) for g in grants if g.staff == "bob"] == [("bob", "CS-4")]
+    env.access.revoke("bob", ACCOUNT)
+    assert env.access.revoke("bob", ACCOUNT) == []  # safe to repeat
+    assert_nothing_left(env, "bob")
+
+
+def test_one_key_per_staff_and_account(env: LocalEnvironment) -> None:
+    a = env.access.grant("carol", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    b = env.access.grant("carol", OTHER_ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1), alg="RS256")
+    assert a.kid != b.kid and b.alg is SignatureAlgorithm.RS256
+    assert env.access.verify("carol", OTHER_ACCOUNT).ok
+    env.access.revoke("carol", ACCOUNT)
+    env.access.revoke("carol", OTHER_ACCOUNT)
+    assert_nothing_left(env, "carol", OTHER_ACCOUNT)
+
+
+@pytest.mark.parametrize(
+    ("staff", "account", "options", "error"),
+    [
+        ("x" * 52, ACCOUNT, {}, InvalidBindingError),  # DoiT-Support- + 52 = 65 characters
+        ("dave", "12345678901", {}, InvalidBindingError),
+        ("dave", "1234567890123", {}, InvalidBindingError),
+        ("da ve", ACCOUNT, {}, InvalidBindingError),
+        ("dave", ACCOUNT, {"alg": "PS256"}, UnsupportedAlgorithmError),
+        ("dave", ACCOUNT, {"alg": "EdDSA"}, UnsupportedAlgorithmError),
+        ("dave", ACCOUNT, {"ticket": "bad ticket"}, InvalidInputError),
+        ("dave", ACCOUNT, {"ttl": dt.timedelta(0)}, InvalidInputError),
+        ("dave", ACCOUNT, {"ttl": dt.timedelta(days=400)}, InvalidInputError),
+    ],
+)
+def test_bad_input_is_rejected_before_any_aws_call(
+    env: LocalEnvironment,
+    recorder: CallRecorder,
+    staff: str,
+    account: str,
+    options: dict[str, Any],
+    error: type,
+) -> None:
+    arguments = {"ticket": "T-9", "ttl": dt.timedelta(hours=1)} | options
+    with pytest.raises(error):
+        env.access.grant(staff, account, **arguments)
+    assert recorder.calls == []
+    assert env.store.find(Binding("dave", ACCOUNT)) is None
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://idp.example.com",
+        "https://idp.example.com:8443",
+        "https://idp.example.com/x?y=1",
+        "https://idp.example.com/#f",
+        "https://user@idp.example.com",
+        "https://IDP.example.com",
+    ],
+)
+def test_issuer_bases_iam_would_refuse_are_rejected(base: str) -> None:
+    with pytest.raises(InvalidInputError):
+        IssuerScheme(base)
+
+
+def test_unregistered_account_is_refused(env: LocalEnvironment) -> None:
+    with pytest.raises(OnboardingError, match="not onboarded"):
+        env.access.grant("erin", "999999999999", ticket="T-1", ttl=dt.timedelta(hours=1))
+    assert env.store.find(Binding("erin", "999999999999")) is None
+
+
+def test_pre_existing_role_not_created_by_us_is_reported_not_adopted(env: LocalEnvironment) -> None:
+    iam = admin_iam(env)
+    iam.create_role(
+        RoleName="DoiT-Support-frank",
+        AssumeRolePolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": ACCOUNT}, "Action": "sts:AssumeRole"}],
+            }
+        ),
+        Description="made by hand",
+    )
+    with pytest.raises(NotOwnedError, match="not created by hsm-keys"):
+        env.access.grant("frank", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    with pytest.raises(NotOwnedError):
+        env.access.revoke("frank", ACCOUNT)
+    assert iam.get_role(RoleName="DoiT-Support-frank")["Role"]["Description"] == "made by hand"
+    assert env.store.find(Binding("frank", ACCOUNT)) is None
+    assert "frank" not in [g.staff for g in env.access.list_grants(ACCOUNT)]
+    iam.delete_role(RoleName="DoiT-Support-frank")
+
+
+def test_more_than_five_thumbprints_is_a_clear_error(env: LocalEnvironment) -> None:
+    scheme = env.access.scheme
+    binding = Binding("gina", ACCOUNT)
+    admin_iam(env).create_open_id_connect_provider(
+        Url=scheme.issuer(binding),
+        ClientIDList=["sts.amazonaws.com"],
+        ThumbprintList=[f"{i:040x}" for i in range(1, 6)],
+    )
+    with pytest.raises(InvalidInputError, match="5"):
+        env.access.grant("gina", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    env.access.reconcile(ACCOUNT)
+    assert_nothing_left(env, "gina")
+
+
+def test_expire_revokes_only_what_is_past_its_expiry(env: LocalEnvironment) -> None:
+    env.access.grant("hank", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    env.access.grant("ivy", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=3))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    actions = env.access.expire(later)
+    assert any(a.action == "expired" and a.target == "DoiT-Support-hank" for a in actions)
+    assert_nothing_left(env, "hank")
+    assert "DoiT-Support-ivy" in doit_roles(env)
+    env.access.revoke("ivy", ACCOUNT)
+
+
+def test_reconcile_removes_half_made_grants_and_orphans(env: LocalEnvironment) -> None:
+    scheme = env.access.scheme
+    # 1. a key with no role (a grant that died after key generation)
+    orphan_key = env.store.generate(KeySpec.EC_P256, Binding("jack", ACCOUNT))
+    # 2. a grant whose key was destroyed behind its back
+    env.access.grant("kate", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    kate_key = env.store.find(Binding("kate", ACCOUNT))
+    assert kate_key is not None
+    env.store.destroy(kate_key.kid)
+    # 3. a provider of ours with neither key nor role
+    admin_iam(env).create_open_id_connect_provider(
+        Url=scheme.issuer(Binding("liam", ACCOUNT)),
+        ClientIDList=["sts.amazonaws.com"],
+        ThumbprintList=["a" * 40],
+    )
+    # 4. a provider that is not ours: left alone
+    foreign = admin_iam(env).create_open_id_connect_provider(
+        Url="https://token.actions.githubusercontent.com",
+        ClientIDList=["sts.amazonaws.com"],
+        ThumbprintList=["b" * 40],
+    )["OpenIDConnectProviderArn"]
+
+    actions = env.access.reconcile(ACCOUNT)
+    text = "\n".join(str(a) for a in actions)
+    assert orphan_key.kid in text and "DoiT-Support-kate" in text and "liam" in text
+    for staff in ("jack", "kate", "liam"):
+        assert_nothing_left(env, staff)
+    assert foreign in providers(env)
+    assert env.access.reconcile(ACCOUNT) == []  # nothing left to repair
+    admin_iam(env).delete_open_id_connect_provider(OpenIDConnectProviderArn=foreign)
+
+
+def test_reconcile_completes_a_grant_missing_its_provider(env: LocalEnvironment) -> None:
+    grant = env.access.grant("mia", ACCOUNT, ticket="T-7", ttl=dt.timedelta(hours=1))
+    admin_iam(env).delete_open_id_connect_provider(OpenIDConnectProviderArn=grant.provider_arn)
+    assert not env.access.verify("mia", ACCOUNT).ok
+    actions = env.access.reconcile(ACCOUNT)
+    assert [a.action for a in actions] == ["completed grant"]
+    assert env.access.verify("mia", ACCOUNT).ok
+    env.access.revoke("mia", ACCOUNT)
+
+
+def test_verify_names_what_is_wrong(env: LocalEnvironment) -> None:
+    grant = env.access.grant("noah", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    env.access.publisher.unpublish(f"{ACCOUNT}/noah")
+    report = env.access.verify("noah", ACCOUNT)
+    failed = {c.name: c.detail for c in report.checks if not c.ok}
+    assert "discovery" in failed and "404" in failed["discovery"]
+    assert {c.name for c in report.checks if c.ok} >= {
+        "onboarded",
+        "role",
+        "key",
+        "provider",
+        "thumbprint",
+        "trust",
+    }
+    env.access.revoke("noah", ACCOUNT)
+    assert grant.kid not in {k.kid for k in env.store.list_keys()}
+
+
+def test_inline_policy_added_by_someone_else_is_a_clear_conflict(env: LocalEnvironment) -> None:
+    env.access.grant("olga", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    admin_iam(env).put_role_policy(
+        RoleName="DoiT-Support-olga",
+        PolicyName="extra",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}],
+            }
+        ),
+    )
+    with pytest.raises(AccessDeniedError, match="DeleteRolePolicy"):
+        env.access.revoke("olga", ACCOUNT)
+    admin_iam(env).delete_role_policy(RoleName="DoiT-Support-olga", PolicyName="extra")
+    env.access.revoke("olga", ACCOUNT)
+    assert_nothing_left(env, "olga")
+
+
+def test_role_description_carries_the_marker_and_fits_iam_limits(env: LocalEnvironment) -> None:
+    staff = "p" * 51
+    env.access.grant(staff, ACCOUNT, ticket="T" * 64, ttl=dt.timedelta(hours=1), alg="ES512")
+    description = admin_iam(env).get_role(RoleName=f"DoiT-Support-{staff}")["Role"]["Description"]
+    assert description.startswith(MARKER) and len(description) <= 1000
+    env.access.revoke(staff, ACCOUNT)
+
+
+@pytest.mark.softhsm
+def test_full_flow_on_softhsm(pkcs11_env: dict[str, str], tmp_path: Path) -> None:
+    from hsm_keys.keystore.pkcs11 import Pkcs11KeyStore
+
+    store: KeyStore
+    with Pkcs11KeyStore() as store, LocalEnvironment(tmp_path, store) as local:
+        local.onboard(SOFTHSM_ACCOUNT)
+        grant = local.access.grant(
+            "quinn", SOFTHSM_ACCOUNT, ticket="CS-9", ttl=dt.timedelta(hours=1), alg="RS256"
+        )
+        assert local.access.verify("quinn", SOFTHSM_ACCOUNT).ok
+        identity = local.aws.client(
+            "sts", local.access.credentials("quinn", SOFTHSM_ACCOUNT)
+        ).get_caller_identity()
+        assert identity["Account"] == SOFTHSM_ACCOUNT
+        local.access.revoke("quinn", SOFTHSM_ACCOUNT)
+        assert store.find(Binding("quinn", SOFTHSM_ACCOUNT)) is None
+        assert grant.kid not in {k.kid for k in store.list_keys()}
+        response = local.send_hook("Delete", SOFTHSM_ACCOUNT)
+        assert response["Status"] == "SUCCESS" and local.registry.get(SOFTHSM_ACCOUNT) is None
