@@ -9,6 +9,7 @@ so the original error stays on ``__cause__`` for debugging while callers catch o
     │   ├── InvalidBindingError                 staff id / account id that IAM would refuse
     │   ├── UnsupportedAlgorithmError           key spec / algorithm pair not allowed
     │   ├── EncodingError                       malformed DER, JWK, base64url, EC point, ...
+    │   ├── InvalidTokenError                   a JWT that fails signature, time, iss or aud checks
     │   └── ConfigurationError                  missing or inconsistent settings
     ├── KeyNotFoundError (LookupError)          no key with that kid (or binding)
     ├── KeyExistsError                          the binding already has a key
@@ -55,6 +56,10 @@ class UnsupportedAlgorithmError(InvalidInputError):
 
 class EncodingError(InvalidInputError):
     """Bytes or documents that do not decode to what was expected."""
+
+
+class InvalidTokenError(InvalidInputError):
+    """A token that is well formed but must not be accepted (signature, expiry, issuer, audience)."""
 
 
 class ConfigurationError(InvalidInputError):
@@ -147,6 +152,7 @@ __all__ = [
     "HsmKeysError",
     "InvalidBindingError",
     "InvalidInputError",
+    "InvalidTokenError",
     "KeyExistsError",
     "KeyNotFoundError",
     "KeyStoreError",

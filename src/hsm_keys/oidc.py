@@ -33,7 +33,7 @@ from hsm_keys.encoding.base64url import b64url_decode, b64url_encode
 from hsm_keys.encoding.certificates import CertificateLike, load_certificate, x5c, x5t_s256
 from hsm_keys.encoding.ec_points import spec_of_public_key
 from hsm_keys.encoding.jwk import jwk_thumbprint, jwk_to_public_key, public_key_to_jwk
-from hsm_keys.errors import EncodingError, InvalidInputError, UnsupportedAlgorithmError
+from hsm_keys.errors import EncodingError, InvalidInputError, InvalidTokenError, UnsupportedAlgorithmError
 from hsm_keys.keystore.base import KeyStore
 from hsm_keys.keystore.software import verify_signature
 from hsm_keys.types import KeyInfo, KeyType, PublicKey, SignatureAlgorithm
@@ -222,11 +222,11 @@ def verify_jwt(
     except EncodingError as exc:
         raise EncodingError(f"token signature is not base64url: {exc}") from exc
     if "crit" in header:
-        raise InvalidInputError(
+        raise InvalidTokenError(
             f"token header marks extensions critical ({header['crit']!r}); none are supported"
         )
     if str(header.get("typ", "JWT")).upper() != "JWT":
-        raise InvalidInputError(f"token typ is {header.get('typ')!r}, not JWT")
+        raise InvalidTokenError(f"token typ is {header.get('typ')!r}, not JWT")
     alg = SignatureAlgorithm.parse(str(header.get("alg")))
     if algorithms is not None and alg not in {SignatureAlgorithm.parse(a) for a in algorithms}:
         raise UnsupportedAlgorithmError(f"token algorithm {alg.value} is not among the allowed ones")
@@ -234,27 +234,27 @@ def verify_jwt(
     if not _alg_suits_key(alg, public_key):
         raise UnsupportedAlgorithmError(f"token algorithm {alg.value} does not suit the verification key")
     if not verify_signature(public_key, signature, f"{parts[0]}.{parts[1]}".encode("ascii"), alg):
-        raise InvalidInputError("token signature does not verify")
+        raise InvalidTokenError("token signature does not verify")
 
     current = resolve_now(now).timestamp()
     expires = _int_claim(payload, "exp")
     if expires is None:
-        raise InvalidInputError("token has no exp claim")
+        raise InvalidTokenError("token has no exp claim")
     if expires <= current - leeway:
-        raise InvalidInputError(f"token expired at {expires} (now {math.floor(current)})")
+        raise InvalidTokenError(f"token expired at {expires} (now {math.floor(current)})")
     not_before = _int_claim(payload, "nbf")
     if not_before is not None and not_before > current + leeway:
-        raise InvalidInputError(f"token is not valid before {not_before} (now {math.floor(current)})")
+        raise InvalidTokenError(f"token is not valid before {not_before} (now {math.floor(current)})")
     issued_at = _int_claim(payload, "iat")
     if issued_at is not None and issued_at > current + leeway:
-        raise InvalidInputError(f"token was issued in the future ({issued_at}, now {math.floor(current)})")
+        raise InvalidTokenError(f"token was issued in the future ({issued_at}, now {math.floor(current)})")
     if issuer is not None and payload.get("iss") != issuer:
-        raise InvalidInputError(f"token iss {payload.get('iss')!r} is not {issuer!r}")
+        raise InvalidTokenError(f"token iss {payload.get('iss')!r} is not {issuer!r}")
     if audience is not None:
         aud = payload.get("aud")
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if audience not in audiences:
-            raise InvalidInputError(f"token aud {aud!r} does not include {audience!r}")
+            raise InvalidTokenError(f"token aud {aud!r} does not include {audience!r}")
     return payload
 
 

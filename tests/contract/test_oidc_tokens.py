@@ -19,6 +19,7 @@ from hsm_keys.encoding import b64url_decode, b64url_encode, ecdsa_der_to_raw, ec
 from hsm_keys.errors import (
     EncodingError,
     InvalidInputError,
+    InvalidTokenError,
     KeyNotFoundError,
     SigningError,
     UnsupportedAlgorithmError,
@@ -254,7 +255,7 @@ def test_verify_jwt_refuses_forgeries(foreign: tuple[ec.EllipticCurvePrivateKey,
     header, payload, signature = token.split(".")
     tampered = json.loads(b64url_decode(payload)) | {"sub": "mallory"}
     forged = f"{header}.{b64url_encode(json.dumps(tampered).encode())}.{signature}"
-    with pytest.raises(InvalidInputError, match="does not verify"):
+    with pytest.raises(InvalidTokenError, match="does not verify"):
         oidc.verify_jwt(forged, jwk, audience=AUDIENCE, issuer=ISSUER, now=NOW)
 
     unsigned = b64url_encode(b'{"alg":"none","typ":"JWT"}') + "." + payload + "."
