@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING
 
 import hsm_keys
 from hsm_keys import errors
-from hsm_keys.errors import HsmKeysError, KeyStoreError, PoolTimeoutError, SessionError
+from hsm_keys.errors import (
+    ConfigurationError,
+    HsmKeysError,
+    KeyStoreError,
+    LoginError,
+    PoolTimeoutError,
+    SessionError,
+)
 from hsm_keys.types import SignatureAlgorithm
 
 if TYPE_CHECKING:
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
 MAX_CHUNK = 64
 IN_FLIGHT_PER_WORKER = 2
 START_TIMEOUT = 60.0
+START_ATTEMPTS = 3
 STOP_TIMEOUT = 5.0
 
 _PIN_VARIABLES = frozenset({"HSM_KEYS_PIN", "HSM_KEYS_PKCS11_URI"})
@@ -264,6 +272,20 @@ class ProcessSigner:
             self._background = None
 
     def _spawn(self, count: int) -> list[_Worker]:
+        """``_spawn_once``, retried: SoftHSM read by a starting process while another writes the
+        token (key generation) can show it uninitialised for that process's whole life."""
+        for attempt in range(START_ATTEMPTS):
+            try:
+                return self._spawn_once(count)
+            except (LoginError, ConfigurationError):
+                raise
+            except HsmKeysError:
+                if attempt + 1 == START_ATTEMPTS:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _spawn_once(self, count: int) -> list[_Worker]:
         """Start ``count`` workers in parallel and wait for each to log in."""
         # The PIN reaches the worker over the socket only; drop the variables that may carry it.
         env = {k: v for k, v in os.environ.items() if k not in _PIN_VARIABLES}
