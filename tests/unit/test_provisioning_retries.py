@@ -140,7 +140,9 @@ def stubbed() -> Any:
     return access, iam, sts, store, scheme
 
 
-def role_with_grant(scheme: IssuerScheme, kid: str) -> dict[str, Any]:
+def role_with_grant(
+    scheme: IssuerScheme, kid: str, created: dt.datetime = NOW - dt.timedelta(days=1)
+) -> dict[str, Any]:
     binding = Binding("alice", ACCOUNT)
     record = GrantRecord("alice", "CS-1", NOW + dt.timedelta(hours=1), kid, SignatureAlgorithm.ES256)
     return {
@@ -149,7 +151,7 @@ def role_with_grant(scheme: IssuerScheme, kid: str) -> dict[str, Any]:
             "RoleName": "DoiT-Support-alice",
             "RoleId": "AROAEXAMPLEEXAMPLE1",
             "Arn": f"arn:aws:iam::{ACCOUNT}:role/DoiT-Support-alice",
-            "CreateDate": NOW,
+            "CreateDate": created,
             "Description": record.to_description(),
             "AssumeRolePolicyDocument": json.dumps(
                 trust_policy(
@@ -252,3 +254,37 @@ def test_throttling_past_the_budget_during_grant_is_a_throttled_error(stubbed: A
 def test_translate_never_leaks_credentials() -> None:
     error = translate(RuntimeError("aws_secret_access_key=abc"), "GetRole")
     assert isinstance(error, AwsError) and "abc" not in str(error)
+
+
+STS_OK = {
+    "Credentials": {
+        "AccessKeyId": "ASIAEXAMPLEEXAMPLE12",
+        "SecretAccessKey": "s" * 40,
+        "SessionToken": "t" * 40,
+        "Expiration": NOW + dt.timedelta(hours=1),
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("age", "retried"), [(dt.timedelta(seconds=5), True), (dt.timedelta(hours=1), False)]
+)
+def test_access_denied_from_sts_is_retried_only_for_a_just_created_role(
+    stubbed: Any, age: dt.timedelta, retried: bool
+) -> None:
+    access, iam, sts, store, scheme = stubbed
+    key = store.generate(KeySpec.EC_P256, Binding("alice", ACCOUNT))
+    with Stubber(iam) as iam_stub, Stubber(sts) as sts_stub:
+        iam_stub.add_response(
+            "get_role", role_with_grant(scheme, key.kid, NOW - age), {"RoleName": "DoiT-Support-alice"}
+        )
+        sts_stub.add_client_error(
+            "assume_role_with_web_identity", service_error_code="AccessDenied", http_status_code=403
+        )
+        if retried:
+            sts_stub.add_response("assume_role_with_web_identity", STS_OK)
+            assert access.credentials("alice", ACCOUNT).get_credentials().access_key == "ASIAEXAMPLEEXAMPLE12"
+        else:
+            with pytest.raises(StsExchangeError, match="AccessDenied"):
+                access.credentials("alice", ACCOUNT)
+        sts_stub.assert_no_pending_responses()

@@ -95,6 +95,8 @@ DEFAULT_KEY_SPECS: Mapping[SignatureAlgorithm, KeySpec] = {
 _FRESH_ROLE_ERRORS = frozenset({"NoSuchEntity"})
 _FRESH_PRINCIPAL_ERRORS = frozenset({"MalformedPolicyDocument", "InvalidInput"})
 _STS_TRANSIENT = frozenset({"IDPCommunicationError"})
+# What STS answers for a role or provider IAM has not finished propagating: transient only while fresh.
+_STS_FRESH = frozenset({"AccessDenied", "InvalidIdentityToken"})
 
 
 def _check_read_only(document: Mapping[str, Any]) -> None:
@@ -922,6 +924,8 @@ class SupportAccess:
         sts = self.aws.client("sts", config=botocore.config.Config(signature_version=UNSIGNED))
         name = session_name or re.sub(r"[^\w+=,.@-]", "-", f"{binding.staff}.{record.ticket}")[:64]
         issuer = self.scheme.issuer(binding)
+        created = role.get("CreateDate")
+        fresh = isinstance(created, dt.datetime) and self.clock() - created < self.settings.fresh_window
         attempts = max(1, self.settings.sts_attempts)
         for attempt in range(attempts):
             token = self.mint_token(binding, key.kid, record.alg)  # a fresh token for every try
@@ -936,8 +940,10 @@ class SupportAccess:
             except botocore.exceptions.ClientError as exc:
                 code = error_code(exc)
                 message = str(exc.response.get("Error", {}).get("Message", ""))
-                transient = code in _STS_TRANSIENT or (
-                    code == "InvalidIdentityToken" and "retrieve verification key" in message
+                transient = (
+                    code in _STS_TRANSIENT
+                    or (code == "InvalidIdentityToken" and "retrieve verification key" in message)
+                    or (fresh and code in _STS_FRESH)
                 )
                 if transient and attempt + 1 < attempts:
                     self.aws.retries.sleep(
