@@ -110,6 +110,19 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[TextIO], None]) -
         human(sys.stdout)
 
 
+def emit_actions(args: argparse.Namespace, actions: Sequence[Any]) -> None:
+    """What revoke / reconcile / expire did, one row per action."""
+    emit(
+        args,
+        [vars(a) for a in actions],
+        lambda out: table(
+            [[a.account, a.action, a.target, a.detail] for a in actions],
+            ["ACCOUNT", "ACTION", "TARGET", "DETAIL"],
+            out,
+        ),
+    )
+
+
 def progress(done: int, total: int, label: str) -> None:
     """A one-line progress indicator on stderr (only when stderr is a terminal)."""
     if sys.stderr.isatty() and total > 1:
@@ -301,13 +314,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         actions = open_access(args, store).revoke(args.staff, args.account)
-    emit(
-        args,
-        [vars(a) for a in actions],
-        lambda out: table(
-            [[a.action, a.target, a.detail] for a in actions], ["ACTION", "TARGET", "DETAIL"], out
-        ),
-    )
+    emit_actions(args, actions)
     return EXIT_OK
 
 
@@ -334,30 +341,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         for index, account in enumerate(accounts, 1):
             actions += access.reconcile(account)
             progress(index, len(accounts), "reconciling")
-    emit(
-        args,
-        [vars(a) for a in actions],
-        lambda out: table(
-            [[a.account, a.action, a.target, a.detail] for a in actions],
-            ["ACCOUNT", "ACTION", "TARGET", "DETAIL"],
-            out,
-        ),
-    )
+    emit_actions(args, actions)
     return EXIT_OK if all(a.ok for a in actions) else EXIT_CHECKS_FAILED
 
 
 def cmd_expire(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         actions = open_access(args, store).expire()
-    emit(
-        args,
-        [vars(a) for a in actions],
-        lambda out: table(
-            [[a.account, a.action, a.target, a.detail] for a in actions],
-            ["ACCOUNT", "ACTION", "TARGET", "DETAIL"],
-            out,
-        ),
-    )
+    emit_actions(args, actions)
     return EXIT_OK
 
 
