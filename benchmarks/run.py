@@ -29,11 +29,14 @@ import platform
 import pty
 import re
 import secrets
+import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -347,24 +350,34 @@ def _read(path: str | None) -> str:
 
 
 def run_with_pin_on_tty(argv: list[str], pin: str, env: dict[str, str], timeout: float = 60) -> int:
-    """Run a tool that prompts for PINs, typing them on a pseudo-terminal (never on argv)."""
+    """Run a tool that prompts for PINs, typing them on a pseudo-terminal (never on argv).
+
+    The PIN is typed only once the tool has switched echo off: getpass flushes pending input when
+    it does, so typing earlier would lose the PIN and leave the tool waiting for ever.
+    """
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child becomes the tool
         os.execvpe(argv[0], argv, env)
-    output, deadline = b"", time.monotonic() + timeout
-    answered = 0
+    output, deadline, answered = b"", time.monotonic() + timeout, 0
     try:
         while time.monotonic() < deadline:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-            if output.count(b"PIN") > answered and output.rstrip().endswith(b":"):
-                answered = output.count(b"PIN")
+            ready, _, _ = select.select([fd], [], [], 0.02)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            prompts = output.count(b"PIN")
+            if prompts > answered and output.rstrip().endswith(b":"):
+                if termios.tcgetattr(fd)[3] & termios.ECHO:
+                    continue  # the tool has not switched echo off yet
+                answered = prompts
                 os.write(fd, pin.encode() + b"\n")
+        else:
+            os.kill(pid, signal.SIGKILL)
     finally:
         os.close(fd)
     _, status = os.waitpid(pid, 0)

@@ -201,6 +201,15 @@ class OsLockingLib(_pkcs11.lib):
 _LOAD_LOCK = threading.Lock()
 _LOADED: dict[tuple[str, int], OsLockingLib] = {}
 
+
+def _reset_load_lock_in_child() -> None:
+    """A lock some parent thread held at fork time would stay held for ever in the child."""
+    global _LOAD_LOCK  # noqa: PLW0603 - replaced, never shared with the parent again
+    _LOAD_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_load_lock_in_child)
+
 # Several processes starting SoftHSM at once occasionally fail with GeneralError or see no token:
 # retry start-up, briefly and boundedly.
 START_ATTEMPTS = 5
