@@ -386,10 +386,7 @@ def run_with_pin_on_tty(argv: list[str], pin: str, env: dict[str, str], timeout:
 
 _TOOL_MECHANISMS = {
     "RS256": (["--mechanism", "SHA256-RSA-PKCS"], None),
-    "PS256": (
-        ["--mechanism", "SHA256-RSA-PKCS-PSS", "--hash-algorithm", "SHA256", "--mgf", "MGF1-SHA256"],
-        None,
-    ),
+    "PS256": (["--mechanism", "SHA256-RSA-PKCS-PSS", "--mgf", "MGF1-SHA256"], None),  # salt: hash length
     "ES256": (["--mechanism", "ECDSA"], "sha256"),  # the operator pipes `openssl dgst -binary` in
     "ES384": (["--mechanism", "ECDSA"], "sha384"),
     "EdDSA": (["--mechanism", "EDDSA"], None),
@@ -534,9 +531,12 @@ def main(argv: list[str] | None = None) -> int:
                         entry["cryptography"] = cryptography_rate(alg, size, seconds)
                         if have_tool:
                             progress.step(f"{where}: pkcs11-tool")
-                            entry["pkcs11-tool"] = pkcs11_tool_rate(
-                                bench, alg, kid, size, tool_count, Path(tool_dir)
-                            )
+                            try:
+                                entry["pkcs11-tool"] = pkcs11_tool_rate(
+                                    bench, alg, kid, size, tool_count, Path(tool_dir)
+                                )
+                            except RuntimeError as exc:  # a baseline failing must not sink the run
+                                raw.setdefault("errors", []).append(f"{where}: {exc}")
                         round_results[f"{alg} {size_name}"] = entry
                 raw["rounds"].append(round_results)
                 if have_openssl:
