@@ -60,7 +60,7 @@ class KeySpec(enum.Enum):
         """Accept ``EC_P256``, ``ec-p256``, ``P-256``, ``rsa2048`` and similar spellings."""
         wanted = re.sub(r"[^A-Z0-9]", "", str(name).upper())
         for spec in cls:
-            aliases = {spec.value.replace("_", ""), (spec.curve or "").upper().replace("-", "")}
+            aliases = {spec.value.replace("_", ""), (spec.curve or "").upper().replace("-", "")} - {""}
             if wanted in aliases:
                 return spec
         raise UnsupportedAlgorithmError(
@@ -133,7 +133,7 @@ class SignatureAlgorithm(enum.Enum):
         if not self.allows(spec):
             allowed = ", ".join(s.value for s in KeySpec if self.allows(s))
             raise UnsupportedAlgorithmError(
-                f"algorithm {self.value} cannot be used with a {spec.value} key "
+                f"algorithm {self.value} cannot be used with an {spec.value} key "
                 f"(allowed key specs: {allowed})"
             )
 
@@ -226,6 +226,8 @@ class Binding:
                 f"staff id {self.staff[:20]!r}... is {len(self.staff)} characters; the role name "
                 f"{ROLE_PREFIX}<staff> may have at most {ROLE_NAME_MAX}, so at most {STAFF_MAX} are allowed"
             )
+        if self.staff in (".", ".."):
+            raise InvalidBindingError(f"staff id {self.staff!r} cannot name an issuer path")
         if not _STAFF_RE.fullmatch(self.staff):
             bad = sorted({c for c in self.staff if not _STAFF_RE.fullmatch(c)})
             raise InvalidBindingError(

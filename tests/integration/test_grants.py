@@ -426,3 +426,103 @@ def test_full_flow_on_softhsm(pkcs11_env: dict[str, str], tmp_path: Path) -> Non
         assert grant.kid not in {k.kid for k in store.list_keys()}
         response = local.send_hook("Delete", SOFTHSM_ACCOUNT)
         assert response["Status"] == "SUCCESS" and local.registry.get(SOFTHSM_ACCOUNT) is None
+
+
+def test_a_foreign_staff_policy_stops_the_grant_before_anything_is_written(env: LocalEnvironment) -> None:
+    iam = admin_iam(env)
+    arn = iam.create_policy(
+        PolicyName="DoiT-Support-pat",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}],
+            }
+        ),
+    )["Policy"]["Arn"]
+    with pytest.raises(NotOwnedError, match="DoiT-Support-pat"):
+        env.access.grant("pat", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    assert "DoiT-Support-pat" not in doit_roles(env)
+    assert not [p for p in providers(env) if p.endswith("/pat")]
+    assert env.store.find(Binding("pat", ACCOUNT)) is None
+    iam.delete_policy(PolicyArn=arn)
+
+
+def test_a_new_grant_that_fails_half_way_leaves_no_usable_access(
+    env: LocalEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AccessDeniedError(
+            "CreatePolicy failed: AccessDenied", operation="CreatePolicy", code="AccessDenied"
+        )
+
+    monkeypatch.setattr(env.access, "_ensure_staff_policy", refuse)
+    with pytest.raises(AccessDeniedError):
+        env.access.grant("quin", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    monkeypatch.undo()
+    assert_nothing_left(env, "quin")
+
+
+def test_duplicate_keys_left_by_a_race_are_cleaned_up(env: LocalEnvironment) -> None:
+    grant = env.access.grant("rita", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    binding = Binding("Rita", ACCOUNT)
+    # what a second process generating at the same moment would have left (bypasses the in-process lock)
+    duplicate = env.store._generate(KeySpec.EC_P256, binding, "hsm-keys/dup", dt.datetime.now(dt.UTC))
+    actions = env.access.reconcile(ACCOUNT)
+    assert [(a.action, a.target) for a in actions] == [("destroyed duplicate key", duplicate.kid)]
+    assert env.access.verify("rita", ACCOUNT).ok
+    assert {k.kid for k in env.store.list_keys() if k.binding.same_as(binding)} == {grant.kid}
+    # and revoke destroys every key of the binding, duplicates included
+    env.store._generate(KeySpec.EC_P256, binding, "hsm-keys/dup2", dt.datetime.now(dt.UTC))
+    env.access.revoke("rita", ACCOUNT)
+    assert_nothing_left(env, "rita")
+
+
+@pytest.mark.parametrize(
+    "ttl", [dt.timedelta(microseconds=1), dt.timedelta(seconds=59), -dt.timedelta(hours=1)]
+)
+def test_ttl_below_a_minute_is_rejected(env: LocalEnvironment, ttl: dt.timedelta) -> None:
+    with pytest.raises(InvalidInputError, match="ttl"):
+        env.access.grant("sam", ACCOUNT, ticket="T-1", ttl=ttl)
+
+
+def test_expire_carries_on_past_an_account_it_cannot_clean(env: LocalEnvironment) -> None:
+    env.access.grant("tess", OTHER_ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    admin_iam(env, OTHER_ACCOUNT).put_role_policy(
+        RoleName="DoiT-Support-tess",
+        PolicyName="x",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}],
+            }
+        ),
+    )
+    env.access.grant("uma", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    actions = env.access.expire(dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+    failed = [a for a in actions if not a.ok]
+    assert [(a.account, a.target) for a in failed] == [(OTHER_ACCOUNT, "DoiT-Support-tess")]
+    assert_nothing_left(env, "uma")
+    admin_iam(env, OTHER_ACCOUNT).delete_role_policy(RoleName="DoiT-Support-tess", PolicyName="x")
+    env.access.revoke("tess", OTHER_ACCOUNT)
+
+
+def test_a_role_whose_description_names_another_staff_member_is_not_ours(env: LocalEnvironment) -> None:
+    env.access.grant("vera", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    vera = env.access.list_grants(ACCOUNT)
+    forged = GrantRecord("vera", "T-1", dt.datetime.now(dt.UTC), "x" * 43, SignatureAlgorithm.ES256)
+    iam = admin_iam(env)
+    iam.create_role(
+        RoleName="DoiT-Support-walt",
+        AssumeRolePolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": ACCOUNT}, "Action": "sts:AssumeRole"}],
+            }
+        ),
+        Description=forged.to_description(),
+    )
+    assert env.access.list_grants(ACCOUNT) == vera
+    assert env.access.reconcile(ACCOUNT) == []
+    assert env.access.verify("vera", ACCOUNT).ok
+    iam.delete_role(RoleName="DoiT-Support-walt")
+    env.access.revoke("vera", ACCOUNT)

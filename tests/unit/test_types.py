@@ -48,9 +48,10 @@ def test_account_ids_of_the_wrong_type_or_non_ascii_digits_are_rejected(account:
         Binding("alice", account)  # type: ignore[arg-type]
 
 
-def test_empty_staff_id_rejected() -> None:
+@pytest.mark.parametrize("staff", ["", ".", ".."])
+def test_empty_or_path_like_staff_ids_rejected(staff: str) -> None:
     with pytest.raises(InvalidBindingError):
-        Binding("", ACCOUNT)
+        Binding(staff, ACCOUNT)
 
 
 def test_binding_identity_folds_case_like_iam() -> None:
@@ -78,6 +79,12 @@ def test_algorithm_and_spec_pairs(alg: str, spec: KeySpec, ok: bool) -> None:
     if not ok:
         with pytest.raises(UnsupportedAlgorithmError, match=spec.value):
             algorithm.check_spec(spec)
+
+
+@pytest.mark.parametrize("name", ["", "-", "?", "   ", "ü", "RSA", "P-224"])
+def test_key_spec_garbage_is_rejected(name: str) -> None:
+    with pytest.raises(UnsupportedAlgorithmError):
+        KeySpec.parse(name)
 
 
 @pytest.mark.parametrize("name", ["HS256", "none", "", "ES256K"])

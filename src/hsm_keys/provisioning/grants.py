@@ -12,7 +12,9 @@ whose URL lies under its issuer base, policies whose description carries the mar
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import json
 import re
 import urllib.parse
@@ -57,6 +59,7 @@ from hsm_keys.types import STS_ALGORITHMS, Binding, KeyInfo, KeySpec, SignatureA
 MARKER = "hsm-keys grant v1"
 SECURITY_AUDIT_ARN = "arn:{partition}:iam::aws:policy/SecurityAudit"
 DESCRIPTION_MAX = 1000
+MIN_TTL = dt.timedelta(minutes=1)
 TICKET_RE = re.compile(r"[A-Za-z0-9._:#/+=@-]{1,64}")
 _DESCRIPTION_FIELD_RE = re.compile(r"(\w+)=([^;]*)")
 
@@ -175,6 +178,7 @@ class GrantRecord:
             return None
         fields = dict(_DESCRIPTION_FIELD_RE.findall(description))
         try:
+            Binding(fields["staff"], "000000000000")  # a tampered description is not a grant
             return cls(
                 staff=fields["staff"],
                 ticket=fields["ticket"],
@@ -299,6 +303,24 @@ def trust_policy(provider_arn: str, provider_url: str, audience: str, subject: s
     }
 
 
+def _staff_of_role(role_name: str) -> str | None:
+    """Lower-case staff id a ``DoiT-Support-<staff>`` role is for, if it is a valid one."""
+    staff = role_name[len("DoiT-Support-") :]
+    try:
+        return Binding(staff, "000000000000").staff.lower()
+    except HsmKeysError:
+        return None
+
+
+def _keys_by_binding(keys: Iterable[KeyInfo], account: str) -> dict[tuple[str, str], list[KeyInfo]]:
+    """The account's keys grouped by binding identity, oldest first."""
+    groups: dict[tuple[str, str], list[KeyInfo]] = {}
+    for key in sorted(keys, key=lambda k: (k.created_at, k.kid)):
+        if key.binding.account == account:
+            groups.setdefault(key.binding.key, []).append(key)
+    return groups
+
+
 def _policy_document(value: Any) -> Any:
     """IAM returns policy documents URL-encoded (real AWS) or already decoded (some SDKs/mocks)."""
     if isinstance(value, str):
@@ -395,10 +417,11 @@ class SupportAccess:
             raise UnsupportedAlgorithmError(
                 f"STS does not accept {algorithm.value} for web-identity tokens (allowed: {allowed})"
             )
-        if not isinstance(ttl, dt.timedelta) or ttl <= dt.timedelta(0):
-            raise InvalidInputError(f"ttl must be a positive timedelta, got {ttl!r}")
+        if not isinstance(ttl, dt.timedelta) or ttl < MIN_TTL:
+            raise InvalidInputError(f"ttl must be a timedelta of at least {MIN_TTL}, got {ttl!r}")
         if ttl > self.settings.max_ttl:
             raise InvalidInputError(f"ttl {ttl} exceeds the maximum of {self.settings.max_ttl}")
+        oidc.validate_issuer_url(self.scheme.issuer(binding))  # e.g. a staff id of "." or ".."
         return binding, algorithm, (self.clock() + ttl).replace(microsecond=0)
 
     # -- grant --------------------------------------------------------------------------------------
@@ -428,6 +451,57 @@ class SupportAccess:
                 code="NotOwned",
             )
 
+        self._check_staff_policy_owned(iam, binding, partition)  # before anything is written
+        try:
+            key, role, provider_arn, policy_arn = self._apply_grant(
+                iam, binding, key, role, record, algorithm, ticket, expires_at, partition
+            )
+        except BaseException:
+            if role is None:
+                # A new grant that failed half way: remove what it made, leave no usable access.
+                # The original error matters; reconcile finishes whatever this cannot.
+                with contextlib.suppress(HsmKeysError):
+                    self.revoke(binding.staff, account)
+            raise
+        provider = self._call(iam, "GetOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn)
+        grant = Grant(
+            staff=binding.staff,
+            account=account,
+            ticket=ticket,
+            expires_at=expires_at,
+            kid=key.kid,
+            alg=algorithm,
+            issuer=self.scheme.issuer(binding),
+            role_arn=str(role["Arn"]),
+            provider_arn=provider_arn,
+            staff_policy_arn=policy_arn,
+            thumbprints=tuple(provider.get("ThumbprintList", ())),
+        )
+        self.audit.record(
+            "access.grant",
+            staff=binding.staff,
+            account=account,
+            ticket=ticket,
+            expires_at=grant.expires_at.isoformat(),
+            kid=key.kid,
+            alg=algorithm.value,
+        )
+        return grant
+
+    def _apply_grant(
+        self,
+        iam: Any,
+        binding: Binding,
+        key: KeyInfo | None,
+        role: dict[str, Any] | None,
+        record: GrantRecord | None,
+        algorithm: SignatureAlgorithm,
+        ticket: str,
+        expires_at: dt.datetime,
+        partition: str,
+    ) -> tuple[KeyInfo, dict[str, Any], str, str]:
+        """Every write of a grant, in dependency order: key, issuer, provider, role, policies."""
+        account = binding.account
         if key is None:
             spec = self.settings.key_specs.get(algorithm)
             if spec is None:
@@ -438,7 +512,7 @@ class SupportAccess:
             )
         elif not algorithm.allows(key.spec):
             raise UnsupportedAlgorithmError(
-                f"{binding} already has a {key.spec.value} key, which cannot sign {algorithm.value}; "
+                f"{binding} already has an {key.spec.value} key, which cannot sign {algorithm.value}; "
                 f"use {key.default_algorithm.value} or revoke first"
             )
         if record is not None and record.kid != key.kid:
@@ -490,30 +564,24 @@ class SupportAccess:
             RoleName=binding.role_name,
             PolicyArn=policy_arn,
         )
-        provider = self._call(iam, "GetOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn)
-        grant = Grant(
-            staff=binding.staff,
-            account=account,
-            ticket=ticket,
-            expires_at=new.expires_at,
-            kid=key.kid,
-            alg=algorithm,
-            issuer=self.scheme.issuer(binding),
-            role_arn=str(role["Arn"]),
-            provider_arn=provider_arn,
-            staff_policy_arn=policy_arn,
-            thumbprints=tuple(provider.get("ThumbprintList", ())),
-        )
-        self.audit.record(
-            "access.grant",
-            staff=binding.staff,
-            account=account,
-            ticket=ticket,
-            expires_at=grant.expires_at.isoformat(),
-            kid=key.kid,
-            alg=algorithm.value,
-        )
-        return grant
+        return key, role, provider_arn, policy_arn
+
+    def _check_staff_policy_owned(self, iam: Any, binding: Binding, partition: str) -> None:
+        try:
+            policy = self._call(iam, "GetPolicy", PolicyArn=self._staff_policy_arn(binding, partition))[
+                "Policy"
+            ]
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return
+            raise
+        if not str(policy.get("Description", "")).startswith(MARKER):
+            raise NotOwnedError(
+                f"policy {binding.role_name} exists in account {binding.account} "
+                "but was not created by hsm-keys; it is left alone",
+                operation="GetPolicy",
+                code="NotOwned",
+            )
 
     def _publish(self, binding: Binding, key: KeyInfo, alg: SignatureAlgorithm) -> None:
         issuer = self.scheme.issuer(binding)
@@ -688,7 +756,7 @@ class SupportAccess:
 
     def revoke(self, staff: str, account: str) -> list[Action]:
         """Remove the pair's role, policy, provider, key and issuer. Safe to repeat."""
-        binding, key = self._canonical_binding(Binding(staff, account))
+        binding, _ = self._canonical_binding(Binding(staff, account))
         iam = self._iam(account)
         partition = self._partition(account)
         actions: list[Action] = []
@@ -708,19 +776,24 @@ class SupportAccess:
             iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn
         ):
             actions.append(Action(account, provider_arn, "deleted provider"))
-        actions += self._destroy_key_and_issuer(binding, key)
+        actions += self._destroy_keys_and_issuer(binding)
         self.audit.record("access.revoke", staff=binding.staff, account=account)
         return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
 
-    def _destroy_key_and_issuer(self, binding: Binding, key: KeyInfo | None) -> list[Action]:
+    def _destroy_keys_and_issuer(
+        self, binding: Binding, keys: Iterable[KeyInfo] | None = None
+    ) -> list[Action]:
+        """Destroy every key of the binding (a race may have left more than one) and its issuer."""
         actions = []
-        if key is not None:
+        if keys is None:
+            keys = [k for k in self.store.list_keys() if k.binding.same_as(binding)]
+        for key in keys:
             try:
                 self.store.destroy(key.kid)
-                self.audit.record("key.destroy", kid=key.kid, staff=binding.staff, account=binding.account)
-                actions.append(Action(binding.account, key.kid, "destroyed key"))
             except KeyNotFoundError:
-                pass
+                continue
+            self.audit.record("key.destroy", kid=key.kid, staff=key.binding.staff, account=binding.account)
+            actions.append(Action(binding.account, key.kid, "destroyed key"))
         path = self._issuer_path(binding)
         if path.strip("/") in {p.strip("/") for p in self.publisher.published()}:
             self.publisher.unpublish(path)
@@ -733,9 +806,8 @@ class SupportAccess:
 
     def _purge_offline(self, account: str) -> list[Action]:
         actions: list[Action] = []
-        for key in self.store.list_keys():
-            if key.binding.account == account:
-                actions += self._destroy_key_and_issuer(key.binding, key)
+        for group in _keys_by_binding(self.store.list_keys(), account).values():
+            actions += self._destroy_keys_and_issuer(group[0].binding, group)
         for path in self.publisher.published():
             parts = path.strip("/").split("/")
             if len(parts) >= 2 and parts[-2] == account:
@@ -767,7 +839,8 @@ class SupportAccess:
                     listed if "Description" in listed else (self._get_role(iam, listed["RoleName"]) or listed)
                 )
                 record = GrantRecord.from_description(role.get("Description"))
-                if record is not None:
+                # The role's name is the authority: a description naming another staff id is not ours.
+                if record is not None and _staff_of_role(listed["RoleName"]) == record.staff.lower():
                     roles.append((role, record))
             if not page.get("IsTruncated"):
                 return roles
@@ -796,31 +869,40 @@ class SupportAccess:
         return sorted(grants, key=lambda g: g.staff.lower())
 
     def expire(self, now: dt.datetime | None = None) -> list[Action]:
-        """Revoke every grant, in every registered account, whose expiry has passed."""
+        """Revoke every grant, in every registered account, whose expiry has passed.
+
+        One account (or grant) that fails is reported as a failed action; the others still expire.
+        """
         moment = now or self.clock()
         actions: list[Action] = []
         for registration in self.registry.accounts():
+            account = registration.account_id
             try:
-                grants = self.list_grants(registration.account_id)
-            except OnboardingError as exc:
-                actions.append(
-                    Action(registration.account_id, registration.role_arn, "skipped", str(exc), ok=False)
-                )
+                grants = self.list_grants(account)
+            except HsmKeysError as exc:
+                actions.append(Action(account, registration.role_arn, "skipped account", str(exc), ok=False))
                 continue
             for grant in grants:
-                if grant.expires_at <= moment:
-                    actions += self.revoke(grant.staff, grant.account)
-                    actions.append(
-                        Action(grant.account, grant.role_name, "expired", grant.expires_at.isoformat())
-                    )
+                if grant.expires_at > moment:
+                    continue
+                try:
+                    actions += self.revoke(grant.staff, account)
+                except HsmKeysError as exc:
+                    actions.append(Action(account, grant.role_name, "could not expire", str(exc), ok=False))
+                    continue
+                actions.append(Action(account, grant.role_name, "expired", grant.expires_at.isoformat()))
         return actions
 
     def reconcile(self, account: str) -> list[Action]:
-        """Compare the HSM, the registry and IAM for what we own; repair drift; report each action."""
+        """Compare the HSM, the registry and IAM for what we own; repair drift; report each action.
+
+        Each item is repaired on its own: one that cannot be (a conflict only the customer can clear)
+        is reported as a failed action and the others still get done.
+        """
         iam = self._iam(account)
         partition = self._partition(account)
         actions: list[Action] = []
-        keys = {key.binding.key: key for key in self.store.list_keys() if key.binding.account == account}
+        keys = _keys_by_binding(self.store.list_keys(), account)
         roles = {
             Binding(record.staff, account).key: (role, record) for role, record in self._owned_roles(iam)
         }
@@ -830,39 +912,80 @@ class SupportAccess:
             if named is not None:
                 providers[named] = entry["Arn"]
 
+        def attempt(target: str, repair: Callable[[], list[Action]]) -> None:
+            try:
+                actions.extend(repair())
+            except HsmKeysError as exc:
+                actions.append(Action(account, target, "could not repair", str(exc), ok=False))
+
         for identity, (role, record) in roles.items():
             binding = Binding(record.staff, account)
-            key = keys.get(identity)
-            if key is None or key.kid != record.kid:
-                actions += self.revoke(binding.staff, account)
-                actions.append(Action(account, binding.role_name, "removed grant", "its key is gone"))
-                continue
-            if record.expires_at <= self.clock():
-                actions += self.revoke(binding.staff, account)
-                actions.append(Action(account, binding.role_name, "removed grant", "expired"))
-                continue
-            missing = self._missing_parts(iam, binding, role, partition, providers)
-            if missing:
-                ttl = record.expires_at - self.clock()
-                self.grant(binding.staff, account, ticket=record.ticket, ttl=ttl, alg=record.alg)
-                actions.append(Action(account, binding.role_name, "completed grant", ", ".join(missing)))
+            group = keys.get(identity, [])
+            attempt(
+                binding.role_name,
+                functools.partial(
+                    self._reconcile_grant, iam, binding, role, record, group, partition, providers
+                ),
+            )
 
-        for identity, key in keys.items():
+        for identity, group in keys.items():
             if identity not in roles:
-                binding = key.binding
-                arn = providers.get(identity)
-                if arn is not None:
-                    self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
-                    actions.append(Action(account, arn, "deleted provider", "half-made grant (no role)"))
-                actions += self._delete_staff_policy(iam, self._staff_policy_arn(binding, partition))
-                actions += self._destroy_key_and_issuer(binding, key)
-                actions.append(Action(account, key.kid, "removed half-made grant", "key without role"))
+                binding = group[0].binding
+
+                def remove_half_made(b: Binding = binding, g: list[KeyInfo] = group) -> list[Action]:
+                    done: list[Action] = []
+                    arn = providers.get(b.key)
+                    if arn is not None and self._gone_ok(
+                        iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn
+                    ):
+                        done.append(Action(account, arn, "deleted provider", "half-made grant (no role)"))
+                    done += self._delete_staff_policy(iam, self._staff_policy_arn(b, partition))
+                    done += self._destroy_keys_and_issuer(b, g)
+                    done.append(Action(account, g[0].kid, "removed half-made grant", "key without role"))
+                    return done
+
+                attempt(group[0].kid, remove_half_made)
 
         for identity, arn in providers.items():
             if identity not in roles and identity not in keys:
-                self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
-                actions.append(Action(account, arn, "deleted provider", "no key and no role"))
+
+                def remove_provider(a: str = arn) -> list[Action]:
+                    self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=a)
+                    return [Action(account, a, "deleted provider", "no key and no role")]
+
+                attempt(arn, remove_provider)
         return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
+
+    def _reconcile_grant(
+        self,
+        iam: Any,
+        binding: Binding,
+        role: Mapping[str, Any],
+        record: GrantRecord,
+        keys: list[KeyInfo],
+        partition: str,
+        providers: Mapping[Any, str],
+    ) -> list[Action]:
+        actions: list[Action] = []
+        trusted = [k for k in keys if k.kid == record.kid]
+        if not trusted:
+            actions += self.revoke(binding.staff, binding.account)
+            return [*actions, Action(binding.account, binding.role_name, "removed grant", "its key is gone")]
+        if record.expires_at <= self.clock():
+            actions += self.revoke(binding.staff, binding.account)
+            return [*actions, Action(binding.account, binding.role_name, "removed grant", "expired")]
+        extra = [k for k in keys if k.kid != record.kid]
+        for key in extra:  # left by a race between two generators: the grant's key is the one that stays
+            self.store.destroy(key.kid)
+            actions.append(
+                Action(binding.account, key.kid, "destroyed duplicate key", f"grant uses {record.kid}")
+            )
+        missing = self._missing_parts(iam, binding, role, partition, providers)
+        if missing:
+            ttl = max(record.expires_at - self.clock(), MIN_TTL)
+            self.grant(binding.staff, binding.account, ticket=record.ticket, ttl=ttl, alg=record.alg)
+            actions.append(Action(binding.account, binding.role_name, "completed grant", ", ".join(missing)))
+        return actions
 
     def _missing_parts(
         self,
