@@ -140,6 +140,8 @@ def _decode_segment(segment: str, what: str) -> dict[str, Any]:
         value = json.loads(b64url_decode(segment))
     except (EncodingError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EncodingError(f"token {what} is not base64url JSON: {exc}") from exc
+    except RecursionError:  # hostile nesting, before any signature check
+        raise EncodingError(f"token {what} nests too deeply") from None
     if not isinstance(value, dict):
         raise EncodingError(f"token {what} is not a JSON object")
     return value
@@ -186,8 +188,8 @@ def _int_claim(payload: Mapping[str, Any], name: str) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInputError(f"token claim {name!r} is not a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidTokenError(f"token claim {name!r} is not a finite number")
     return math.floor(value)
 
 
@@ -327,15 +329,19 @@ def _check_host(host: str, url: str) -> None:
         raise InvalidInputError(f"issuer URL {url!r} has no host")
     if host != host.lower():
         raise InvalidInputError(f"issuer URL {url!r} must have a lowercase host (IAM compares it exactly)")
-    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+    labels = host.split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise InvalidInputError(f"issuer URL {url!r} has an invalid host name {host!r}")
+    if len(labels) < 2 or labels[-1].isdigit():
+        # IP literals (1.2.3.4, 2130706433) and single-label names are not public DNS names.
+        raise InvalidInputError(f"issuer URL {url!r} must name a fully qualified DNS host, not {host!r}")
 
 
 def validate_issuer_url(url: str) -> str:
     """``url`` unchanged if IAM and STS can use it as an issuer, else ``InvalidInputError``.
 
-    Rules: ``https://`` only; a lowercase DNS host with no port and no userinfo; no query and no
-    fragment; no trailing slash (``iss`` must equal the provider URL exactly); path segments of
+    Rules: ``https://`` only; a lowercase, fully qualified DNS host (no IP literal) with no port
+    and no userinfo; no query and no fragment; no trailing slash (``iss`` must equal the provider URL exactly); path segments of
     plain URL characters (no empty, ``.`` or ``..`` segments, no percent-encoding); at most 255
     characters.
     """

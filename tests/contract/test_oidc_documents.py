@@ -123,7 +123,6 @@ def test_discovery_document_refuses_bad_input(
         "https://idp.example.test/123456789012/alice",
         "https://idp.example.test/0/a+b=c,d.e@f_g-h",
         "https://xn--idp-example.test/x",
-        "https://localhost/x",
         "https://" + "a" * 63 + ".example/" + "b" * 100,
     ],
 )
@@ -156,6 +155,10 @@ def test_valid_issuer_urls(url: str) -> None:
         ("https://idp.example.test/a/../b", "segment"),
         ("https://idp.example.test/a%2Fb", "segment"),
         ("https://idp.example.test/a b", "whitespace"),
+        ("https://localhost/x", "fully qualified"),
+        ("https://1.2.3.4/x", "fully qualified"),
+        ("https://2130706433/x", "fully qualified"),
+        ("https://0x7f000001/x", "fully qualified"),
         ("https://idp.example.test/\u00e9", "ASCII"),
         ("https://idp.example.test/" + "x" * 250, "255"),
         (None, "string"),

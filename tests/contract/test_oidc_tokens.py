@@ -9,7 +9,8 @@ from typing import Any
 
 import jwt as pyjwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 from joserfc import jwt as joserfc_jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import KeySet
@@ -229,7 +230,7 @@ def test_verify_jwt_accepts_pyjwt_tokens(foreign: tuple[ec.EllipticCurvePrivateK
     [
         ({}, NOW + dt.timedelta(seconds=60), "expired"),
         ({"exp": None}, NOW, "no exp"),
-        ({"exp": "soon"}, NOW, "not a number"),
+        ({"exp": "soon"}, NOW, "not a finite number"),
         ({"nbf": NOW_TS + 10}, NOW, "not valid before"),
         ({"iat": NOW_TS + 10}, NOW, "future"),
         ({"iss": "https://other.example.test"}, NOW, "iss"),
@@ -289,3 +290,33 @@ def test_verify_jwt_refuses_malformed_tokens(
 ) -> None:
     with pytest.raises(EncodingError):
         oidc.verify_jwt(token, foreign[1], audience=None, issuer=None, now=NOW)
+
+
+@pytest.mark.parametrize("segment", ["header", "payload"])
+def test_hostile_nesting_is_an_encoding_error(
+    foreign: tuple[ec.EllipticCurvePrivateKey, dict[str, Any]], segment: str
+) -> None:
+    _, jwk = foreign
+    deep = b64url_encode(b"[" * 100_000)
+    token = f"{deep}.e30.AA" if segment == "header" else f"{b64url_encode(b'{}')}.{deep}.AA"
+    with pytest.raises(EncodingError):
+        oidc.verify_jwt(token, jwk, audience=AUDIENCE, issuer=ISSUER, now=NOW)
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e400"])
+def test_non_finite_time_claims_are_invalid_tokens(
+    foreign: tuple[ec.EllipticCurvePrivateKey, dict[str, Any]], value: str
+) -> None:
+    key, jwk = foreign
+    token = _foreign_token(key, jwk)
+    header, payload, _ = token.split(".")
+    text = b64url_decode(payload).decode()
+    claims = json.loads(text)
+    raw = text.replace(f'"exp":{claims["exp"]}', f'"exp":{value}')
+    assert raw != text
+    body = b64url_encode(raw.encode())
+    der = key.sign(f"{header}.{body}".encode(), ec.ECDSA(hashes.SHA256()))
+    r, s = utils.decode_dss_signature(der)
+    signature = b64url_encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    with pytest.raises(InvalidTokenError, match="finite"):
+        oidc.verify_jwt(f"{header}.{body}.{signature}", jwk, audience=AUDIENCE, issuer=ISSUER, now=NOW)
