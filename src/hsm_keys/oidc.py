@@ -341,9 +341,9 @@ def validate_issuer_url(url: str) -> str:
     """``url`` unchanged if IAM and STS can use it as an issuer, else ``InvalidInputError``.
 
     Rules: ``https://`` only; a lowercase, fully qualified DNS host (no IP literal) with no port
-    and no userinfo; no query and no fragment; no trailing slash (``iss`` must equal the provider URL exactly); path segments of
-    plain URL characters (no empty, ``.`` or ``..`` segments, no percent-encoding); at most 255
-    characters.
+    and no userinfo; no query and no fragment; no trailing slash (``iss`` must equal the provider
+    URL exactly); path segments of plain URL characters (no empty, ``.`` or ``..`` segments, no
+    percent-encoding); at most 255 characters.
     """
     if not isinstance(url, str):
         raise InvalidInputError(f"issuer URL must be a string, got {type(url).__name__}")
