@@ -8,6 +8,8 @@
 * ``assume_role`` (session): ``assume_role(role_arn)`` -> STS credentials, from the operations account.
 * ``deployed_stack``: the template deployed by CloudFormation into a fresh customer account, without
   the ``Custom::Hook`` (moto cannot deliver it; the tests hand the handler the event instead).
+* ``deploy_support_stack``: ``deploy_support_stack(account_id=None)`` -> another :class:`DeployedStack`
+  (a fresh account by default; the same account again after its stack was deleted, for redeployments).
 * ``policy_evaluator`` (session): the test-only IAM policy evaluator (tests/policy); skips only when
   node is not installed. ``call_recorder``: a fresh :class:`CallRecorder`.
 """
@@ -134,9 +136,10 @@ def assume_role(moto_client: MotoClient) -> Callable[..., dict[str, str]]:
     return run
 
 
-@pytest.fixture
-def deployed_stack(moto_server: str, moto_client: MotoClient) -> DeployedStack:
-    account_id = new_account_id()
+StackDeployer = Callable[..., DeployedStack]
+
+
+def _deploy(moto_server: str, moto_client: MotoClient, account_id: str) -> DeployedStack:
     # In moto, assuming any role ARN yields credentials acting in that role's account: the customer's admin.
     admin = assume(moto_client, f"arn:aws:iam::{account_id}:role/customer-admin", "customer-admin")
     service_token = f"arn:aws:sns:{REGION}:{OPERATIONS_ACCOUNT}:hsm-keys-onboarding"
@@ -163,6 +166,21 @@ def deployed_stack(moto_server: str, moto_client: MotoClient) -> DeployedStack:
         outputs=outputs,
         admin_credentials=admin,
     )
+
+
+@pytest.fixture
+def deploy_support_stack(moto_server: str, moto_client: MotoClient) -> StackDeployer:
+    """``deploy_support_stack(account_id=None)``: the template deployed (again) into an account."""
+
+    def deploy(account_id: str | None = None) -> DeployedStack:
+        return _deploy(moto_server, moto_client, account_id or new_account_id())
+
+    return deploy
+
+
+@pytest.fixture
+def deployed_stack(deploy_support_stack: StackDeployer) -> DeployedStack:
+    return deploy_support_stack()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import datetime as dt
 import http.server
 import json
 import logging
+import secrets
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 from hsm_keys.errors import AwsError, OnboardingError
+from hsm_keys.keystore import MemoryKeyStore
+from hsm_keys.local.environment import LocalEnvironment, hook_event
+from hsm_keys.provisioning.aws import AwsEnvironment
 from hsm_keys.provisioning.onboarding import (
     MAX_RESPONSE_BYTES,
     OnboardingHandler,
@@ -593,3 +598,296 @@ def test_a_broken_lambda_context_runs_without_a_deadline(sink: Sink) -> None:
 
     make_handler()(make_event(sink), BrokenContext())
     assert sink.only().document["Status"] == "SUCCESS"
+
+
+# -- ownership: a stack takes over an account only when the registered stack's role is gone -------------
+
+EVIL_STACK = f"arn:aws:cloudformation:us-east-1:{ACCOUNT}:stack/evil/6d1c55aa-0a61-4be3-9d8e-2f0c3f2ad0e1"
+NEW_STACK = STACK.replace("1fd0cbc7", "99999999")
+ROLE_ID = "AROAREALMANAGEMENT001"
+
+
+@dataclass
+class FakeRoles:
+    """What assuming each role from the operations account shows: its unique id, or an error.
+
+    A role it does not know cannot be assumed (AccessDenied, as STS answers for a deleted role).
+    """
+
+    ids: dict[str, str | BaseException] = field(default_factory=lambda: {ROLE_ARN: ROLE_ID})
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def __call__(self, account_id: str, role_arn: str) -> str:
+        self.calls.append((account_id, role_arn))
+        found = self.ids.get(role_arn)
+        if found is None:
+            raise OnboardingError(
+                f"cannot assume the management role of account {account_id}: AssumeRole failed: "
+                "AccessDenied: not authorized",
+                operation="AssumeRole",
+                code="AccessDenied",
+            )
+        if isinstance(found, BaseException):
+            raise found
+        return found
+
+
+def _registered_with(
+    registry: MemoryAccountRegistry,
+    stack_id: str = STACK,
+    role_arn: str = ROLE_ARN,
+    role_id: str | None = ROLE_ID,
+) -> AccountRegistration:
+    registration = AccountRegistration(
+        ACCOUNT, role_arn, stack_id, dt.datetime(2025, 1, 1, tzinfo=dt.UTC), role_id=role_id
+    )
+    registry.register(registration)
+    return registration
+
+
+def test_create_records_the_role_id_and_a_duplicate_changes_nothing(sink: Sink) -> None:
+    registry, roles = MemoryAccountRegistry(), FakeRoles()
+    handler = make_handler(registry, role_id_lookup=roles)
+    create = make_event(sink)
+    handler(create)
+    handler(create)
+    assert [r.document["Status"] for r in sink.received] == ["SUCCESS", "SUCCESS"]
+    assert "already registered" in sink.received[1].document["Reason"]
+    assert registry.require(ACCOUNT).role_id == ROLE_ID
+    assert roles.calls == [(ACCOUNT, ROLE_ARN)] * 2
+
+
+def test_a_forged_create_and_delete_cannot_take_over_a_live_account(sink: Sink) -> None:
+    """The review's attack: a made-up stack in the victim's account naming the victim's real role."""
+    registry, revoker, roles = MemoryAccountRegistry(), FakeRevoker(), FakeRoles()
+    handler = make_handler(registry, revoker, role_id_lookup=roles)
+    handler(make_event(sink))  # the real stack onboards
+    real = registry.require(ACCOUNT)
+
+    handler(make_event(sink, stack_id=EVIL_STACK))  # forged Create
+    forged = sink.received[1].document
+    assert forged["Status"] == "FAILED"
+    assert f"account {ACCOUNT} is already registered by a live stack" in forged["Reason"]
+    assert registry.require(ACCOUNT) == real and registry.require(ACCOUNT).stack_id == STACK
+
+    handler(make_event(sink, "Delete", stack_id=EVIL_STACK))  # forged Delete, its physical id computed
+    assert sink.received[2].document["Status"] == "SUCCESS"
+    assert revoker.calls == []
+    assert registry.require(ACCOUNT) == real
+
+    handler(make_event(sink, "Update", stack_id=EVIL_STACK))  # nor can a forged Update
+    assert sink.received[3].document["Status"] == "FAILED"
+    assert registry.require(ACCOUNT) == real
+
+    handler(make_event(sink, "Delete"))  # the real stack's Delete still does its work
+    assert sink.received[4].document["Status"] == "SUCCESS"
+    assert revoker.calls == [("revoke", ACCOUNT)]
+    assert registry.get(ACCOUNT) is None
+
+
+@pytest.mark.parametrize("request_type", ["Create", "Update"])
+def test_a_new_stack_takes_over_once_the_old_role_was_recreated(sink: Sink, request_type: str) -> None:
+    registry, revoker = MemoryAccountRegistry(), FakeRevoker()
+    _registered_with(registry)  # the old stack's Delete never arrived; its role was deleted with it
+    roles = FakeRoles(ids={ROLE_ARN: "AROARECREATEDROLE0002"})  # the new stack's role: same name, new id
+    handler = make_handler(registry, revoker, role_id_lookup=roles)
+    handler(make_event(sink, request_type, stack_id=NEW_STACK))
+    answer = sink.only().document
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    current = registry.require(ACCOUNT)
+    assert (current.stack_id, current.role_id) == (NEW_STACK, "AROARECREATEDROLE0002")
+    handler(make_event(sink, "Delete"))  # the old stack's late Delete touches nothing
+    assert sink.received[-1].document["Status"] == "SUCCESS"
+    assert revoker.calls == [] and registry.require(ACCOUNT).stack_id == NEW_STACK
+
+
+def test_a_new_stack_takes_over_when_the_registered_role_cannot_be_assumed(sink: Sink) -> None:
+    registry = MemoryAccountRegistry()
+    old_role = f"arn:aws:iam::{ACCOUNT}:role/old-path/DoiT_Management_Role_DO-NOT-DELETE"
+    _registered_with(registry, role_arn=old_role)
+    roles = FakeRoles(ids={ROLE_ARN: "AROARECREATEDROLE0002"})  # the old role answers AccessDenied
+    make_handler(registry, role_id_lookup=roles)(make_event(sink, stack_id=NEW_STACK))
+    assert sink.only().document["Status"] == "SUCCESS"
+    assert registry.require(ACCOUNT).stack_id == NEW_STACK
+    assert (ACCOUNT, old_role) in roles.calls
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        AwsError("AssumeRole failed: Throttling: Rate exceeded", operation="AssumeRole", code="Throttling"),
+        OnboardingError("AssumeRole failed: EndpointConnectionError", operation="AssumeRole"),
+        RuntimeError("socket closed"),
+    ],
+)
+def test_an_unclear_answer_about_the_registered_role_takes_nothing_over(
+    sink: Sink, failure: BaseException
+) -> None:
+    registry = MemoryAccountRegistry()
+    old_role = f"arn:aws:iam::{ACCOUNT}:role/old-path/DoiT_Management_Role_DO-NOT-DELETE"
+    registered = _registered_with(registry, role_arn=old_role)
+    roles = FakeRoles(ids={ROLE_ARN: "AROARECREATEDROLE0002", old_role: failure})
+    make_handler(registry, role_id_lookup=roles)(make_event(sink, stack_id=NEW_STACK))
+    assert sink.only().document["Status"] == "FAILED"
+    assert registry.require(ACCOUNT) == registered
+
+
+def test_a_create_whose_own_role_cannot_be_assumed_registers_nothing(sink: Sink) -> None:
+    registry = MemoryAccountRegistry()
+    make_handler(registry, role_id_lookup=FakeRoles(ids={}))(make_event(sink))
+    answer = sink.only().document
+    assert answer["Status"] == "FAILED" and "cannot assume" in answer["Reason"]
+    assert registry.get(ACCOUNT) is None
+
+
+def test_without_a_role_id_lookup_no_stack_takes_over_another(sink: Sink) -> None:
+    registry = MemoryAccountRegistry()
+    registered = _registered_with(registry, role_id=None)
+    make_handler(registry)(make_event(sink, stack_id=NEW_STACK))
+    answer = sink.only().document
+    assert answer["Status"] == "FAILED"
+    assert "already registered by another stack" in answer["Reason"]
+    assert registry.require(ACCOUNT) == registered
+
+
+def test_a_registration_without_a_role_id_is_kept_while_its_role_is_assumable(sink: Sink) -> None:
+    registry = MemoryAccountRegistry()
+    registered = _registered_with(registry, role_id=None)  # written before role ids were recorded
+    handler = make_handler(registry, role_id_lookup=FakeRoles())
+    handler(make_event(sink, stack_id=EVIL_STACK))
+    assert sink.received[0].document["Status"] == "FAILED"
+    assert "live stack" in sink.received[0].document["Reason"]
+    assert registry.require(ACCOUNT) == registered
+    handler(make_event(sink, "Update"))  # its own stack's next request records the role id
+    assert sink.received[1].document["Status"] == "SUCCESS"
+    assert registry.require(ACCOUNT).role_id == ROLE_ID
+
+
+@pytest.mark.parametrize("version", [["1.0"], {"1.0": "1.0"}, [], {}, 1.0, None, True])
+def test_a_version_that_is_not_a_string_is_refused_cleanly(
+    sink: Sink, version: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = MemoryAccountRegistry()
+    event = make_event(sink, ResourceProperties={**_props(), "Version": version})
+    with caplog.at_level(logging.DEBUG, logger="hsm_keys"):
+        make_handler(registry)(event)
+    answer = sink.only().document
+    assert answer["Status"] == "FAILED"
+    assert "Version" in answer["Reason"] and "invalid" in answer["Reason"]
+    assert "internal error" not in answer["Reason"]
+    assert not [r for r in caplog.records if r.exc_info]
+    assert registry.accounts() == []
+
+
+# -- the role id from a real AssumeRole (moto server) ------------------------------------------------
+
+
+def _operations(moto_server: str) -> AwsEnvironment:
+    session = boto3.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    return AwsEnvironment(session=session, region="us-east-1", endpoint_url=moto_server)
+
+
+@pytest.mark.aws
+def test_the_management_role_id_is_stable_and_changes_with_a_recreated_role(
+    deployed_stack: Any, deploy_support_stack: Any, moto_client: Any
+) -> None:
+    aws = _operations(deployed_stack.endpoint_url)
+    account, role_arn = deployed_stack.account_id, deployed_stack.role_arn
+    role_id = aws.management_role_id(account, role_arn)
+    iam = moto_client("iam", deployed_stack.admin_credentials)
+    assert role_id == iam.get_role(RoleName=deployed_stack.role_name)["Role"]["RoleId"]
+    assert role_id.startswith("AROA")
+    assert aws.management_role_id(account, role_arn) == role_id  # stable while the role lives
+    assert aws.management_session(account, role_arn) is not None  # the session API is unchanged
+
+    moto_client("cloudformation", deployed_stack.admin_credentials).delete_stack(
+        StackName=deployed_stack.stack_id
+    )
+    # moto lets anyone assume a role that does not exist, with a fresh random id each time; STS refuses.
+    gone = aws.management_role_id(account, role_arn)
+    assert gone != role_id and gone != aws.management_role_id(account, role_arn)
+
+    again = deploy_support_stack(account)
+    assert again.role_arn == role_arn and again.stack_id != deployed_stack.stack_id
+    new_id = aws.management_role_id(account, role_arn)
+    assert new_id != role_id and new_id == aws.management_role_id(account, role_arn)
+
+    with pytest.raises(OnboardingError):
+        aws.management_role_id("999988887777", role_arn)  # the role must be in the account named
+
+
+@pytest.mark.aws
+def test_forged_events_cannot_take_over_a_deployed_stack(
+    sink: Sink, deployed_stack: Any, tmp_path: Path
+) -> None:
+    registry, revoker = FileAccountRegistry(tmp_path / "registry.json"), FakeRevoker()
+    aws = _operations(deployed_stack.endpoint_url)
+    handler = make_handler(registry, revoker, role_id_lookup=aws.management_role_id)
+    account, stack_id = deployed_stack.account_id, deployed_stack.stack_id
+    properties = deployed_stack.hook_properties()
+    handler(make_event(sink, stack_id=stack_id, account=account, ResourceProperties=properties))
+    assert sink.received[0].document["Status"] == "SUCCESS"
+    real = registry.require(account)
+    assert real.role_id == aws.management_role_id(account, deployed_stack.role_arn)
+
+    evil = f"arn:aws:cloudformation:us-east-1:{account}:stack/evil/{uuid.uuid4()}"
+    handler(make_event(sink, stack_id=evil, account=account, ResourceProperties=properties))
+    assert sink.received[1].document["Status"] == "FAILED"
+    assert "live stack" in sink.received[1].document["Reason"]
+    handler(make_event(sink, "Delete", stack_id=evil, account=account, ResourceProperties=properties))
+    assert sink.received[2].document["Status"] == "SUCCESS"
+    assert revoker.calls == [] and registry.require(account) == real
+
+
+@pytest.mark.aws
+def test_a_redeployed_stack_takes_over_after_a_lost_delete(
+    sink: Sink, deployed_stack: Any, deploy_support_stack: Any, moto_client: Any, tmp_path: Path
+) -> None:
+    registry, revoker = FileAccountRegistry(tmp_path / "registry.json"), FakeRevoker()
+    aws = _operations(deployed_stack.endpoint_url)
+    handler = make_handler(registry, revoker, role_id_lookup=aws.management_role_id)
+    account = deployed_stack.account_id
+    handler(
+        make_event(
+            sink,
+            stack_id=deployed_stack.stack_id,
+            account=account,
+            ResourceProperties=deployed_stack.hook_properties(),
+        )
+    )
+    assert sink.received[0].document["Status"] == "SUCCESS"
+    # The customer deletes the stack and its Delete never reaches us; then deploys it again.
+    moto_client("cloudformation", deployed_stack.admin_credentials).delete_stack(
+        StackName=deployed_stack.stack_id
+    )
+    again = deploy_support_stack(account)
+    handler(
+        make_event(sink, stack_id=again.stack_id, account=account, ResourceProperties=again.hook_properties())
+    )
+    assert sink.received[1].document["Status"] == "SUCCESS", sink.received[1].document["Reason"]
+    current = registry.require(account)
+    assert current.stack_id == again.stack_id
+    assert current.role_id == aws.management_role_id(account, again.role_arn)
+    assert revoker.calls == []
+
+
+@pytest.mark.aws
+def test_the_local_environment_records_role_ids_and_refuses_forged_creates(tmp_path: Path) -> None:
+    account = f"{secrets.randbelow(9 * 10**11) + 10**11}"  # moto's state is shared by the process
+    with MemoryKeyStore() as store, LocalEnvironment(tmp_path, store) as env:
+        assert env.onboard(account)["Status"] == "SUCCESS"
+        registration = env.registry.require(account)
+        assert registration.role_id is not None and registration.role_id.startswith("AROA")
+        customer = env.customers[account]
+        forged = hook_event(
+            "Create",
+            stack_id=f"arn:aws:cloudformation:us-east-1:{account}:stack/evil/{uuid.uuid4()}",
+            role_arn=customer.role_arn,
+            account=account,
+            response_url=env.sink.url("forged"),
+        )
+        env.handler(forged)
+        assert env.sink.responses[-1]["Status"] == "FAILED"
+        assert env.registry.require(account) == registration

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,113 @@ def test_concurrent_processes_and_threads_lose_no_write(tmp_path: Path) -> None:
         assert process.exitcode == 0
     accounts = {r.account_id for r in FileAccountRegistry(path).accounts()}
     assert len(accounts) == 160
+
+
+# -- the management role's unique id ----------------------------------------------------------------
+
+ROLE_ID = "AROAEXAMPLEROLEID0001"
+
+
+def test_the_role_id_is_kept_and_persisted(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    with_id = replace(registration(), role_id=ROLE_ID)
+    assert FileAccountRegistry(path).register(with_id) is True
+    assert FileAccountRegistry(path).require("111122223333").role_id == ROLE_ID
+    assert json.loads(path.read_text())["accounts"]["111122223333"]["role_id"] == ROLE_ID
+
+
+def test_a_file_without_role_ids_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    legacy = registration().to_json()
+    assert "role_id" not in legacy  # a registration without a known role id is written as before
+    path.write_text(json.dumps({"version": 1, "accounts": {"111122223333": legacy}, "retired_stacks": {}}))
+    loaded = FileAccountRegistry(path).require("111122223333")
+    assert loaded.role_id is None
+    assert loaded == registration()
+
+
+@pytest.mark.parametrize("role_id", ["", "AROA with spaces", "AROA:session", 42, "A" * 200])
+def test_malformed_role_ids_are_refused(role_id: object) -> None:
+    with pytest.raises(InvalidInputError):
+        replace(registration(), role_id=role_id)
+
+
+def test_the_same_stack_records_a_role_id_and_an_unknown_one_does_not_erase_it(
+    make_registry: Callable[..., AccountRegistry],
+) -> None:
+    registry = make_registry()
+    registry.register(registration())
+    assert registry.register(replace(registration(), role_id=ROLE_ID)) is True  # learnt later
+    assert registry.require("111122223333").role_id == ROLE_ID
+    assert registry.register(registration()) is False  # "unknown" keeps what is known
+    assert registry.require("111122223333").role_id == ROLE_ID
+    assert registry.register(replace(registration(), role_id="AROAEXAMPLEROLEID0002")) is True
+    assert registry.require("111122223333").role_id == "AROAEXAMPLEROLEID0002"
+
+
+def test_taking_over_is_never_the_default(make_registry: Callable[..., AccountRegistry]) -> None:
+    registry = make_registry()
+    registry.register(registration(guid="old"))
+    with pytest.raises(OnboardingError) as caught:
+        registry.register(registration(guid="new"))
+    assert caught.value.code == "RegisteredByAnotherStack"
+    assert registry.require("111122223333").stack_id == stack("111122223333", "old")
+
+
+def test_a_take_over_replaces_only_the_registration_that_was_checked(
+    make_registry: Callable[..., AccountRegistry],
+) -> None:
+    registry = make_registry()
+    checked = replace(registration(guid="old"), role_id=ROLE_ID)
+    registry.register(checked)
+    raced = replace(registration(guid="raced"), role_id="AROAEXAMPLEROLEID0003")
+    assert registry.register(raced, replacing=checked) is True  # what was checked is still there
+    with pytest.raises(OnboardingError) as caught:  # `checked` is no longer what is registered
+        registry.register(registration(guid="late"), replacing=checked)
+    assert caught.value.code == "RegisteredByAnotherStack"
+    assert registry.require("111122223333") == raced
+
+
+# -- unreadable files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe{\x00}\x00",  # UTF-16
+        b'{"version": 1, "accounts": {}, "retired_stacks": {"\xe9": "2025-01-01T00:00:00+00:00"}}',
+        b"[" * 100_000 + b"]" * 100_000,  # deep enough to exhaust the parser's recursion
+        b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        b'{"version": 1, "accounts": {}, "retired_stacks": {"s": "2025-01-01T00:00:00"}}',  # naive time
+        b'{"version": 1, "accounts": {}, "retired_stacks": {"s": 1}}',
+        b'{"version": 1, "accounts": {"111122223333": {"account_id": "111122223333", "role_arn": '
+        b'"arn:aws:iam::111122223333:role/r", "stack_id": '
+        b'"arn:aws:cloudformation:us-east-1:111122223333:stack/s/g", '
+        b'"registered_at": "2025-01-01T00:00:00+00:00", "role_id": ["AROA"]}}}',
+        b'{"version": 1, "accounts": {"111122223333": {"account_id": "111122223333", "role_arn": '
+        b'"arn:aws:iam::111122223333:role/r", "stack_id": '
+        b'"arn:aws:cloudformation:us-east-1:111122223333:stack/s/g", "registered_at": 20250101}}}',
+        b'{"version": 1, "accounts": [], "retired_stacks": {}}',
+        b'{"version": 1, "accounts": {}, "retired_stacks": {}, "x": ' + b"9" * 5000 + b"}",  # int limit
+    ],
+)
+def test_undecodable_or_malformed_files_are_configuration_errors(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "registry.json"
+    path.write_bytes(content)
+    registry = FileAccountRegistry(path)
+    with pytest.raises(ConfigurationError) as caught:
+        registry.get("111122223333")
+    assert str(path) in str(caught.value)
+    with pytest.raises(ConfigurationError):
+        registry.register(registration())
+    with pytest.raises(ConfigurationError):
+        registry.deregister("111122223333", stack_id=registration().stack_id)
+    assert path.read_bytes() == content
+
+
+def test_a_registry_path_that_cannot_be_read_is_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.mkdir()  # a directory where the file should be
+    with pytest.raises(ConfigurationError) as caught:
+        FileAccountRegistry(path).get("111122223333")
+    assert "unreadable" in str(caught.value)

@@ -148,7 +148,10 @@ class LocalEnvironment:
             self.store, self.registry, aws_env, DirectoryPublisher(self.issuer_server.root), settings
         )
         self.handler = OnboardingHandler(
-            self.registry, self.access, response_url_check=allow_loopback_response_urls
+            self.registry,
+            self.access,
+            response_url_check=allow_loopback_response_urls,
+            role_id_lookup=aws_env.management_role_id,
         )
         return self
 

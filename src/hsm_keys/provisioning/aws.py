@@ -41,6 +41,8 @@ THROTTLING_CODES = frozenset(
 )
 ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
 _ROLE_ARN_RE = re.compile(r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
+#: ``AssumedRoleUser.AssumedRoleId`` is ``<the role's unique id>:<session name>``.
+_ASSUMED_ROLE_ID_RE = re.compile(r"(?P<role_id>[A-Z0-9]{8,128}):[\w+=,.@-]{2,64}")
 
 
 def error_code(exc: BaseException) -> str:
@@ -145,13 +147,12 @@ class AwsEnvironment:
             **options,
         )
 
-    def management_session(self, account: str, role_arn: str, *, duration: int = 900) -> boto3.Session:
-        """Credentials of the customer's management role, assumed from the operations account."""
+    def _assume_management_role(self, account: str, role_arn: str, duration: int) -> dict[str, Any]:
         if account_of_role_arn(role_arn) != account:
             raise OnboardingError(f"management role {role_arn} is not in account {account}")
         sts = self.client("sts")
         try:
-            response = self.retries.call(
+            return self.retries.call(
                 sts,
                 "AssumeRole",
                 RoleArn=role_arn,
@@ -165,13 +166,36 @@ class AwsEnvironment:
                 operation="AssumeRole",
                 code=getattr(error, "code", ""),
             ) from exc
-        credentials = response["Credentials"]
+
+    def management_session(self, account: str, role_arn: str, *, duration: int = 900) -> boto3.Session:
+        """Credentials of the customer's management role, assumed from the operations account."""
+        credentials = self._assume_management_role(account, role_arn, duration)["Credentials"]
         return boto3.Session(
             aws_access_key_id=credentials["AccessKeyId"],
             aws_secret_access_key=credentials["SecretAccessKey"],
             aws_session_token=credentials["SessionToken"],
             region_name=self.region,
         )
+
+    def management_role_id(self, account: str, role_arn: str) -> str:
+        """The management role's unique id (``AROA...``), learnt by assuming it from the operations account.
+
+        STS answers ``AssumedRoleUser.AssumedRoleId`` = ``<role id>:<session name>``. IAM gives a
+        recreated role a new id, so the id tells one incarnation of a role from the next. Raises
+        :class:`OnboardingError` (``code`` = the AWS error code, e.g. ``AccessDenied`` when the role is
+        gone or no longer trusts the operations account). The credentials are not kept.
+        """
+        response = self._assume_management_role(account, role_arn, 900)
+        user = response.get("AssumedRoleUser")
+        assumed = user.get("AssumedRoleId") if isinstance(user, dict) else None
+        match = _ASSUMED_ROLE_ID_RE.fullmatch(assumed) if isinstance(assumed, str) else None
+        if match is None:
+            raise OnboardingError(
+                f"AssumeRole into the management role of account {account} returned no usable role id",
+                operation="AssumeRole",
+                code="NoRoleId",
+            )
+        return match["role_id"]
 
     def management_iam(self, account: str, role_arn: str) -> Any:
         """An IAM client acting through the management role, guarded by the local scope check."""

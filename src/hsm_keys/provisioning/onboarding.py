@@ -20,6 +20,23 @@ Rules, and why:
 * A Delete for something this stack never registered (after a failed Create, a duplicate, another
   stack's account) answers SUCCESS and touches nothing. A Create or Update that arrives after its
   stack's Delete is refused by the registry's retired-stack record.
+* Anyone who can publish to the ServiceToken can send any event, so a StackId proves nothing: a
+  forger can name a made-up stack in a victim's account together with the victim's real management
+  role, and (were it allowed to take the account over) then Delete that made-up stack, revoking the
+  victim's grants and deregistering the account. What a forger cannot fake is the management role
+  itself. Its name is fixed by the template (``DoiT_Management_Role_DO-NOT-DELETE``), so at most one
+  live stack per account holds it, and IAM gives a recreated role a new unique id (``AROA...``). So
+  Create and Update learn the role's unique id by assuming it from the operations account (the
+  ``role_id_lookup`` hook, e.g. :meth:`hsm_keys.provisioning.aws.AwsEnvironment.management_role_id`;
+  STS answers ``AssumedRoleId`` = ``<role id>:<session>``) and record it with the registration. A
+  request for an account that *another* stack registered takes it over only when the registered
+  role is gone: assuming it is refused (AccessDenied), or its id now differs from the recorded one.
+  Otherwise -- including any unclear answer (throttling, network), a registration recorded without a
+  role id whose role is still assumable, or a handler without a ``role_id_lookup`` -- it answers
+  FAILED ("already registered by a live stack") and touches nothing; the registry swaps the
+  registration only if it is still the one that was checked. A Delete from a stack that is not the
+  registered one touches nothing (above), so a forged stack can neither take over nor revoke.
+  Reasons sent back never name the other stack or its role id: the answer goes to the requester.
 * Everything in the event is attacker-supplied: the role ARN's account must equal ``AccountId``
   and the stack's account, and the ``ResponseURL`` must be an HTTPS pre-signed URL on an S3
   endpoint under ``amazonaws.com`` or ``amazonaws.com.cn`` -- a handler that PUTs wherever it is
@@ -49,7 +66,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from hsm_keys.errors import HsmKeysError, InvalidInputError, OnboardingError
+from hsm_keys.errors import AwsError, HsmKeysError, InvalidInputError, OnboardingError
 from hsm_keys.provisioning.registry import (
     AccountRegistration,
     AccountRegistry,
@@ -118,6 +135,13 @@ ResponseSender = Callable[[str, bytes, float], None]
 ResponseUrlCheck = Callable[[str], None]
 #: Optional proof that the management role is usable (e.g. assume it); raises to refuse a Create.
 RoleCheck = Callable[[AccountRegistration], None]
+#: ``(account_id, role_arn) -> the role's unique id (AROA...)``, learnt by assuming the role from the
+#: operations account (:meth:`hsm_keys.provisioning.aws.AwsEnvironment.management_role_id`). Raises
+#: when the role cannot be assumed; an :class:`AwsError` with an AccessDenied code means it is gone.
+RoleIdLookup = Callable[[str, str], str]
+
+#: What STS answers when a role cannot be assumed because it no longer exists (or trusts us no more).
+_ROLE_GONE_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
 
 
 # -- ResponseURL -----------------------------------------------------------------------------------
@@ -330,6 +354,18 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ("" if value is None else json.dumps(value, default=str))
 
 
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
 def _error_reason(exc: BaseException) -> str:
     """Our own errors speak for themselves; anything else is named, not quoted (it may leak internals)."""
     if isinstance(exc, HsmKeysError):
@@ -340,8 +376,10 @@ def _error_reason(exc: BaseException) -> str:
 class OnboardingHandler:
     """The Lambda entry point for the template's ``Custom::Hook`` (direct or SNS-wrapped events).
 
-    ``handler = OnboardingHandler(registry, revoker)`` then ``handler(event, context)``. It never
-    raises; it returns ``{"outcomes": [...]}`` describing what it answered.
+    ``handler = OnboardingHandler(registry, revoker, role_id_lookup=aws.management_role_id)`` then
+    ``handler(event, context)``. It never raises; it returns ``{"outcomes": [...]}`` describing what
+    it answered. Without ``role_id_lookup`` no stack can ever take over an account another stack
+    registered (see the module docstring).
     """
 
     def __init__(
@@ -352,6 +390,7 @@ class OnboardingHandler:
         sender: ResponseSender = put_response,
         response_url_check: ResponseUrlCheck = check_response_url,
         role_check: RoleCheck | None = None,
+        role_id_lookup: RoleIdLookup | None = None,
         supported_versions: frozenset[str] = SUPPORTED_VERSIONS,
         response_reserve: float = 3.0,
         send_attempts: int = 3,
@@ -365,6 +404,7 @@ class OnboardingHandler:
         self._sender = sender
         self._check_url = response_url_check
         self._role_check = role_check
+        self._role_ids = role_id_lookup
         self._versions = supported_versions
         self._reserve = response_reserve
         self._attempts = max(1, send_attempts)
@@ -510,8 +550,7 @@ class OnboardingHandler:
                     "an Update cannot move it",
                     {},
                 )
-            take_over = request.request_type == "Create"
-            work = lambda: self._register(registration, take_over=take_over)  # noqa: E731
+            work = lambda: self._register(registration)  # noqa: E731
         outcome = self._run(work, deadline)
         return outcome.status, outcome.reason, outcome.data
 
@@ -523,6 +562,11 @@ class OnboardingHandler:
             raise InvalidInputError("RequestId and LogicalResourceId are required")
         props = request.properties
         version = props.get("Version")
+        if not isinstance(version, str):
+            raise InvalidInputError(
+                f"hook Version is invalid: expected a string (supported: {sorted(self._versions)}), "
+                f"got {'nothing' if version is None else 'a JSON ' + _json_type(version)}"
+            )
         if version not in self._versions:
             raise InvalidInputError(
                 f"hook Version {_text(version)[:20]!r} is not supported (supported: {sorted(self._versions)})"
@@ -587,16 +631,107 @@ class OnboardingHandler:
             return _Outcome(Status.FAILED, _error_reason(exc))
         return result[0]
 
-    def _register(self, registration: AccountRegistration, *, take_over: bool) -> _Outcome:
+    def _register(self, registration: AccountRegistration) -> _Outcome:
         if self._role_check is not None:
             self._role_check(registration)
-        changed = self._registry.register(registration, take_over=take_over)
+        if self._role_ids is not None:
+            registration = dataclasses.replace(registration, role_id=self._role_id_of_new(registration))
+        account_id = registration.account_id
+        current = self._registry.get(account_id)
+        replacing = None
+        if current is not None and current.stack_id != registration.stack_id:
+            refusal = self._refuse_take_over(current, registration)
+            if refusal is not None:
+                logger.warning(
+                    "account %s: stack %r may not take over from stack %r: %s",
+                    account_id,
+                    registration.stack_id[:256],
+                    current.stack_id,
+                    refusal,
+                )
+                return _Outcome(Status.FAILED, refusal)
+            logger.warning(
+                "account %s: stack %r takes over from stack %r, whose management role is gone",
+                account_id,
+                registration.stack_id[:256],
+                current.stack_id,
+            )
+            replacing = current
+        try:
+            if replacing is None:  # the plain call: never a take-over (registries that predate replacing)
+                changed = self._registry.register(registration)
+            else:
+                changed = self._registry.register(registration, replacing=replacing)
+        except OnboardingError as exc:
+            if exc.code != "RegisteredByAnotherStack":
+                raise
+            logger.warning("account %s: %s", account_id, exc)
+            return _Outcome(  # registered meanwhile; the other stack's id is not the requester's to see
+                Status.FAILED,
+                f"account {account_id} is already registered by another stack; nothing was changed",
+            )
         verb = "registered" if changed else "already registered"
         return _Outcome(
             Status.SUCCESS,
             f"account {registration.account_id} {verb} with role {registration.role_arn}",
             {"AccountId": registration.account_id, "RoleArn": registration.role_arn},
         )
+
+    def _role_id_of_new(self, registration: AccountRegistration) -> str:
+        """The unique id of the role the request names; it must be assumable to register at all."""
+        assert self._role_ids is not None
+        try:
+            return self._role_ids(registration.account_id, registration.role_arn)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, AwsError) and exc.code else type(exc).__name__
+            logger.warning(
+                "account %s: the management role could not be assumed: %s",
+                registration.account_id,
+                _error_reason(exc),
+            )
+            raise OnboardingError(
+                f"cannot assume the management role {registration.role_arn} from the operations "
+                f"account ({code}); nothing was registered",
+                operation="AssumeRole",
+                code=code,
+            ) from exc
+
+    def _refuse_take_over(self, current: AccountRegistration, new: AccountRegistration) -> str | None:
+        """None when the stack that registered ``current`` is gone (its role is); else the reason."""
+        account_id = current.account_id
+        if self._role_ids is None:
+            return (
+                f"account {account_id} is already registered by another stack; without a role-id lookup "
+                "this handler cannot tell whether that stack is gone, so nothing was changed"
+            )
+        if current.role_arn == new.role_arn:
+            observed: str | None = new.role_id  # assumed moments ago
+        else:
+            try:
+                observed = self._role_ids(account_id, current.role_arn)
+            except Exception as exc:
+                if not (isinstance(exc, AwsError) and exc.code in _ROLE_GONE_CODES):
+                    logger.warning(
+                        "account %s: the registered management role could not be checked: %s",
+                        account_id,
+                        _error_reason(exc),
+                    )
+                    return (
+                        f"account {account_id} is already registered by another stack whose management "
+                        "role could not be checked; nothing was changed (the request can be retried)"
+                    )
+                observed = None  # the registered role can no longer be assumed: it is gone
+        if observed is None:
+            return None
+        live = f"account {account_id} is already registered by a live stack"
+        if current.role_id is None:
+            return (
+                f"{live} (its management role can still be assumed, and the registration predates "
+                "role ids); nothing was changed"
+            )
+        if observed == current.role_id:
+            return f"{live} (it still holds the management role); nothing was changed"
+        return None
 
     def _delete(self, request: _Request) -> _Outcome:
         stack = request.stack
@@ -685,6 +820,7 @@ __all__ = [
     "ResponseUrlCheck",
     "RevocationReport",
     "RoleCheck",
+    "RoleIdLookup",
     "Status",
     "allow_loopback_response_urls",
     "check_response_url",

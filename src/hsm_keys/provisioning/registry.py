@@ -9,6 +9,13 @@ and every rule lives once in the base class.
 Besides registrations it keeps *retired stacks*: the ids of stacks whose Delete was handled. A Create
 or Update that arrives after its stack's Delete (a late or duplicate delivery) must not bring the
 account back, and the retired id is what refuses it. Retired ids are pruned after ``retention``.
+
+A registration may carry the management role's unique id (``AROA...``), learnt by the onboarding
+handler when it assumed the role. The role's name is fixed by the template, so one live stack at a time
+holds it, and a recreated role gets a new id: the id tells whether the stack that registered an account
+is still there. Registering over another stack's registration is never the default -- the caller says
+which registration it checked (``replacing``), and the swap happens only if that one is still current.
+Files written before role ids were recorded load with ``role_id=None``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ _ROLE_ARN_RE = re.compile(
     r"arn:(?P<partition>aws|aws-cn|aws-us-gov):iam::(?P<account>[0-9]{12}):role/(?:[\x21-\x7e]+/)?"
     r"(?P<name>[A-Za-z0-9+=,.@_-]{1,64})"
 )
+#: IAM unique ids are upper-case letters and digits (``AROA`` + 17 for a role); a little leeway here.
+_ROLE_ID_RE = re.compile(r"[A-Z0-9]{8,128}")
 _STACK_ID_RE = re.compile(
     r"arn:(?P<partition>aws|aws-cn|aws-us-gov):cloudformation:(?P<region>[a-z0-9-]+):"
     r"(?P<account>[0-9]{12}):stack/(?P<name>[A-Za-z][A-Za-z0-9-]{0,127})/(?P<guid>[A-Za-z0-9-]{1,64})"
@@ -50,12 +59,17 @@ def _utcnow() -> dt.datetime:
 
 @dataclass(frozen=True)
 class AccountRegistration:
-    """One onboarded account: its management role and the stack that registered it."""
+    """One onboarded account: its management role and the stack that registered it.
+
+    ``role_id`` is the role's unique id (``AROA...``) when it is known; None for registrations made
+    without a role-id lookup or before role ids were recorded.
+    """
 
     account_id: str
     role_arn: str
     stack_id: str
     registered_at: dt.datetime = field(compare=False)
+    role_id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.account_id, str) or not _ACCOUNT_RE.fullmatch(self.account_id):
@@ -72,8 +86,12 @@ class AccountRegistration:
             raise InvalidInputError(f"{self.stack_id!r} is not a CloudFormation stack id")
         if stack["account"] != self.account_id or stack["partition"] != role["partition"]:
             raise InvalidInputError(f"stack {self.stack_id} does not belong to account {self.account_id}")
-        if self.registered_at.tzinfo is None:
-            raise InvalidInputError("registered_at must be timezone-aware")
+        if not isinstance(self.registered_at, dt.datetime) or self.registered_at.tzinfo is None:
+            raise InvalidInputError("registered_at must be a timezone-aware datetime")
+        if self.role_id is not None and (
+            not isinstance(self.role_id, str) or not _ROLE_ID_RE.fullmatch(self.role_id)
+        ):
+            raise InvalidInputError(f"{str(self.role_id)[:140]!r} is not an IAM role id")
 
     @property
     def partition(self) -> str:
@@ -81,12 +99,15 @@ class AccountRegistration:
         return self.role_arn.split(":", 2)[1]
 
     def to_json(self) -> dict[str, str]:
-        return {
+        data = {
             "account_id": self.account_id,
             "role_arn": self.role_arn,
             "stack_id": self.stack_id,
             "registered_at": self.registered_at.isoformat(),
         }
+        if self.role_id is not None:
+            data["role_id"] = self.role_id
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> AccountRegistration:
@@ -98,6 +119,7 @@ class AccountRegistration:
                 role_arn=data["role_arn"],
                 stack_id=data["stack_id"],
                 registered_at=dt.datetime.fromisoformat(data["registered_at"]),
+                role_id=data.get("role_id"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"malformed registration ({type(exc).__name__}: {exc})") from exc
@@ -136,6 +158,8 @@ class RegistryState:
             retired = {str(k): dt.datetime.fromisoformat(v) for k, v in retired_raw.items()}
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"malformed retired stack time ({exc})") from exc
+        if any(when.tzinfo is None for when in retired.values()):
+            raise InvalidInputError("retired stack times must be timezone-aware")
         return cls(accounts=accounts, retired_stacks=retired)
 
 
@@ -178,12 +202,22 @@ class AccountRegistry(abc.ABC):
 
     # Writes -----------------------------------------------------------------------------------------
 
-    def register(self, registration: AccountRegistration, *, take_over: bool = True) -> bool:
+    def register(
+        self,
+        registration: AccountRegistration,
+        *,
+        take_over: bool = False,
+        replacing: AccountRegistration | None = None,
+    ) -> bool:
         """Record ``registration``; return False when exactly that was already recorded.
 
-        A retired stack cannot register again. With ``take_over=False`` an account registered by
-        another stack is left alone (:class:`OnboardingError`): an Update must not steal an account
-        that a newer stack owns, while a Create may (only one stack can hold the management role).
+        A retired stack cannot register again. An account registered by another stack is left alone
+        (:class:`OnboardingError` ``RegisteredByAnotherStack``) unless the caller has established that
+        the other stack is gone: ``replacing`` names the registration it checked, and the swap happens
+        only if that is still the current one (a concurrent change makes it fail instead).
+        ``take_over=True`` replaces any other stack's registration unchecked -- for tools and tests;
+        the onboarding handler never uses it. For the same stack, a registration whose ``role_id``
+        is unknown keeps the known one of the same role.
         """
         with self._transaction() as state:
             if registration.stack_id in state.retired_stacks:
@@ -192,14 +226,21 @@ class AccountRegistry(abc.ABC):
                     code="StackRetired",
                 )
             current = state.accounts.get(registration.account_id)
-            if current is not None and current.stack_id != registration.stack_id and not take_over:
+            if (
+                current is not None
+                and current.stack_id != registration.stack_id
+                and not take_over
+                and (replacing is None or replacing != current)
+            ):
                 raise OnboardingError(
                     f"account {registration.account_id} is registered by another stack ({current.stack_id})",
                     code="RegisteredByAnotherStack",
                 )
-            if current == registration:
-                return False
             if current is not None and current.stack_id == registration.stack_id:
+                if registration.role_id is None and registration.role_arn == current.role_arn:
+                    registration = replace(registration, role_id=current.role_id)
+                if current == registration:
+                    return False
                 registration = replace(registration, registered_at=current.registered_at)
             state.accounts[registration.account_id] = registration
             self._prune(state)
@@ -292,13 +333,28 @@ class FileAccountRegistry(AccountRegistry):
                 os.close(fd)
 
     def _read(self) -> RegistryState:
+        """The file's state; any file that is not a valid registry is a :class:`ConfigurationError`."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return RegistryState()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"account registry {self.path} is unreadable: {exc.strerror or type(exc).__name__}"
+            ) from exc
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(
+                f"account registry {self.path} is unreadable: not UTF-8 (byte {exc.start})"
+            ) from None
         try:
             return RegistryState.from_json(json.loads(text))
-        except (ValueError, InvalidInputError) as exc:
+        except RecursionError:
+            raise ConfigurationError(
+                f"account registry {self.path} is unreadable: its JSON is nested too deeply"
+            ) from None
+        except (ValueError, TypeError, InvalidInputError) as exc:
             raise ConfigurationError(f"account registry {self.path} is unreadable: {exc}") from exc
 
     def _write(self, state: RegistryState) -> None:
