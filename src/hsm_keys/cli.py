@@ -25,10 +25,14 @@ from hsm_keys import __version__
 from hsm_keys.errors import (
     AccessDeniedError,
     AwsError,
+    ConfigurationError,
+    EncodingError,
     HsmKeysError,
     InvalidInputError,
+    KeyExistsError,
     KeyNotFoundError,
     KeyStoreError,
+    LoginError,
     NotOwnedError,
     OnboardingError,
     TlsError,
@@ -47,17 +51,23 @@ def parse_ttl(text: str) -> dt.timedelta:
     """``90m``, ``4h``, ``1d12h`` or plain seconds."""
     text = text.strip().lower()
     if text.isdigit():
-        return dt.timedelta(seconds=int(text))
+        try:
+            return dt.timedelta(seconds=int(text))
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"duration {text!r} is too long") from None
     parts = _TTL_RE.findall(text)
     if not parts or "".join(f"{n}{u}" for n, u in parts) != text.replace(" ", ""):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 30m, 4h, 1d)")
-    return dt.timedelta(**{_TTL_UNITS[u]: int(n) for n, u in parts})
+    try:
+        return dt.timedelta(**{_TTL_UNITS[u]: int(n) for n, u in parts})
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is too long") from None
 
 
 def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, (AccessDeniedError, NotOwnedError)):
+    if isinstance(exc, (AccessDeniedError, NotOwnedError, LoginError)):
         return EXIT_DENIED
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, (InvalidInputError, KeyExistsError)):
         return EXIT_BAD_INPUT
     if isinstance(exc, KeyNotFoundError) or (
         isinstance(exc, OnboardingError) and exc.code == "NotRegistered"
@@ -137,14 +147,20 @@ def progress(done: int, total: int, label: str) -> None:
 # -- wiring ---------------------------------------------------------------------------------------
 
 
-def open_store(args: argparse.Namespace) -> Any:
-    if getattr(args, "memory", False):
-        from hsm_keys.keystore.memory import MemoryKeyStore
+SETUP_HINT = (
+    "configure the HSM with HSM_KEYS_PKCS11_MODULE, HSM_KEYS_TOKEN_LABEL and "
+    "HSM_KEYS_PIN or HSM_KEYS_PIN_FILE "
+    '(for the development token: eval "$(bash softhsm/setup-token.sh --dev)")'
+)
 
-        return MemoryKeyStore()
+
+def open_store(args: argparse.Namespace) -> Any:
     from hsm_keys.keystore.pkcs11 import Pkcs11KeyStore
 
-    return Pkcs11KeyStore.from_env()
+    try:
+        return Pkcs11KeyStore.from_env()
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc}; {SETUP_HINT}") from exc
 
 
 def _resolve_option(values: Sequence[str]) -> dict[str, tuple[str, int]]:
@@ -184,10 +200,16 @@ def open_access(args: argparse.Namespace, store: Any) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hsm_keys.demo import run_demo
+    from hsm_keys.demo import run_demo, throwaway_softhsm_store
+    from hsm_keys.keystore.memory import MemoryKeyStore
 
+    factories: dict[str, Callable[[Path], Any]] = {
+        "softhsm": throwaway_softhsm_store,
+        "configured": lambda _: open_store(args),
+        "memory": lambda _: MemoryKeyStore(),
+    }
     return run_demo(
-        lambda: open_store(args), out=sys.stdout, staff=args.staff, account=args.account, ticket=args.ticket
+        factories[args.store], out=sys.stdout, staff=args.staff, account=args.account, ticket=args.ticket
     )
 
 
@@ -200,8 +222,16 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
         args,
         key_json(info),
         lambda out: table(
-            [[info.kid, info.spec.value, info.binding.staff, info.binding.account]],
-            ["KID", "SPEC", "STAFF", "ACCOUNT"],
+            [
+                [
+                    info.kid,
+                    info.spec.value,
+                    info.binding.staff,
+                    info.binding.account,
+                    info.created_at.isoformat(),
+                ]
+            ],
+            ["KID", "SPEC", "STAFF", "ACCOUNT", "CREATED"],
             out,
         ),
     )
@@ -270,23 +300,37 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _host_port(target: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    if target.startswith("["):
+        host, _, rest = target[1:].partition("]")
+        port = rest.removeprefix(":") or "443"
+    elif target.count(":") == 1:
+        host, _, port = target.partition(":")
+    else:
+        host, port = target, "443"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"{target!r} is neither an existing file nor HOST[:PORT]")
+    return host, int(port)
+
+
 def cmd_thumbprint(args: argparse.Namespace) -> int:
     from hsm_keys.encoding.certificates import load_certificates
     from hsm_keys.encoding.iam import iam_thumbprint_certificate, oidc_thumbprint
 
     target = args.target
-    if os.path.exists(target):
-        chain = load_certificates(Path(target).read_bytes())
+    path = Path(target)
+    if path.exists() or "/" in target or path.suffix.lower() in {".pem", ".crt", ".cer", ".der"}:
+        try:
+            chain = load_certificates(path.read_bytes())
+        except EncodingError:
+            raise InvalidInputError(f"no X.509 certificate found in {target} (PEM or DER expected)") from None
         source = target
     else:
         from hsm_keys.tls import fetch_chain
 
-        host, _, port = target.rpartition(":") if ":" in target else (target, "", "443")
-        if not port.isdigit():
-            raise InvalidInputError(f"{target!r} is neither a file nor HOST[:PORT]")
-        chain = fetch_chain(
-            host, int(port), resolve=_resolve_option(args.resolve or []), ca_bundle=args.ca_bundle
-        )
+        host, port = _host_port(target)
+        chain = fetch_chain(host, port, resolve=_resolve_option(args.resolve or []), ca_bundle=args.ca_bundle)
         source = f"{host}:{port}"
     thumbprint = oidc_thumbprint(chain)
     subject = iam_thumbprint_certificate(chain).subject.rfc4514_string()
@@ -379,7 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hsm-keys {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--memory", action="store_true", help="use a throwaway in-memory key store")
     aws = argparse.ArgumentParser(add_help=False, parents=[common])
     env = os.environ.get
     aws.add_argument(
@@ -413,7 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", parents=[common], help="run the main job on the embedded defaults")
+    demo = commands.add_parser("demo", help="run the main job on the embedded defaults")
+    demo.add_argument(
+        "--store",
+        choices=["softhsm", "configured", "memory"],
+        default="softhsm",
+        help="keys in a throwaway SoftHSM token (default), the configured HSM, or memory",
+    )
     demo.add_argument("--staff", default="jane.doe")
     demo.add_argument("--account", default="111122223333")
     demo.add_argument("--ticket", default="CS-1042")
@@ -470,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sign = commands.add_parser("sign", parents=[common], help="sign a file (or stdin) with a key")
     sign.add_argument("kid")
-    sign.add_argument("input", nargs="?", default="-", help="file to sign, or - for stdin")
-    sign.add_argument("--alg", help="JOSE algorithm (default: the key's)")
+    sign.add_argument("input", help="file to sign, or - for standard input")
+    sign.add_argument("--alg", choices=[a.value for a in SignatureAlgorithm], help="default: the key's")
     sign.set_defaults(func=cmd_sign)
 
     thumbprint = commands.add_parser(
@@ -500,6 +549,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hsm-keys: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last guard: one line, never a traceback (unless asked for)
+        if os.environ.get("HSM_KEYS_DEBUG"):
+            raise
+        print(
+            f"hsm-keys: unexpected error: {type(exc).__name__} (set HSM_KEYS_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

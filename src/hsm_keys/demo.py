@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import secrets
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from hsm_keys.errors import ConfigurationError, KeyExistsError
 from hsm_keys.keystore.base import KeyStore
 from hsm_keys.local.environment import DEFAULT_CUSTOMER_ACCOUNT, LocalEnvironment
 from hsm_keys.provisioning.issuer import https_get
 from hsm_keys.types import Binding
+
+DEMO_TOKEN = "hsm-keys-demo"
 
 
 class _Steps:
@@ -45,8 +52,46 @@ def _verify_with_pyjwt(token: str, jwks: dict[str, Any], issuer: str, audience: 
     return dict(jwt.decode(token, key.key, algorithms=[header["alg"]], audience=audience, issuer=issuer))
 
 
+def throwaway_softhsm_store(directory: Path) -> KeyStore:
+    """A fresh SoftHSM token of the demo's own, so the demo never touches a user's keys.
+
+    Must run before this process first loads the SoftHSM module (SoftHSM reads SOFTHSM2_CONF once).
+    """
+    from hsm_keys.keystore.pkcs11 import Pkcs11KeyStore, find_softhsm_module
+
+    module = find_softhsm_module()
+    util = shutil.which("softhsm2-util")
+    if module is None or util is None:
+        raise ConfigurationError(
+            "SoftHSM2 is not installed (apt-get install softhsm2), or use --store memory"
+        )
+    tokens = directory / "tokens"
+    tokens.mkdir(parents=True, exist_ok=True)
+    conf = directory / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    pin = secrets.token_hex(12)
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    subprocess.run(
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            DEMO_TOKEN,
+            "--pin",
+            pin,
+            "--so-pin",
+            secrets.token_hex(12),
+        ],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return Pkcs11KeyStore(module, DEMO_TOKEN, pin)
+
+
 def run_demo(
-    store_factory: Callable[[], KeyStore],
+    store_factory: Callable[[Path], KeyStore],
     *,
     out: TextIO,
     staff: str = "jane.doe",
@@ -60,7 +105,13 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="hsm-keys-demo-") as scratch:
         root = Path(workdir or scratch)
         steps.step("Start the embedded defaults")
-        store = store_factory()
+        store = store_factory(root / "hsm")
+        if store.find(binding) is not None:
+            store.close()
+            raise KeyExistsError(
+                f"{binding} already has a key in this store; the demo will not touch it "
+                "(use another --staff or the demo's own throwaway token)"
+            )
         with store, LocalEnvironment(root, store) as env:
             steps.show("key store", repr(store))
             steps.show("local AWS (moto)", env.aws.endpoint_url)

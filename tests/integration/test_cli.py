@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 
-from hsm_keys.cli import EXIT_BAD_INPUT, EXIT_HSM, EXIT_NOT_FOUND, EXIT_OK, main, parse_ttl
+from hsm_keys.cli import EXIT_BAD_INPUT, EXIT_DENIED, EXIT_HSM, EXIT_NOT_FOUND, EXIT_OK, main, parse_ttl
 from hsm_keys.encoding import b64url_decode, jwk_to_public_key
 from hsm_keys.keystore import MemoryKeyStore
 from hsm_keys.keystore.software import verify_signature
@@ -94,6 +94,9 @@ def test_keys_lifecycle_and_sign_on_softhsm(
         public_key, b64url_decode(signed["signature"]), message.read_bytes(), SignatureAlgorithm.ES384
     )
 
+    code, _, err = run(capsys, "keys", "generate", "--staff", "CLI.USER", "--account", ACCOUNT)
+    assert code == EXIT_BAD_INPUT and "already has key" in err
+
     code, _, err = run(capsys, "keys", "destroy", kid)
     assert code == EXIT_BAD_INPUT and "--yes" in err
     code, _, _ = run(capsys, "keys", "destroy", kid, "--yes")
@@ -103,19 +106,21 @@ def test_keys_lifecycle_and_sign_on_softhsm(
 
 
 def test_bad_input_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "keys", "generate", "--memory", "--staff", "x", "--account", "123")
+    code, _, err = run(capsys, "keys", "generate", "--staff", "x", "--account", "123")
     assert code == EXIT_BAD_INPUT and "12 digits" in err
-    code, _, err = run(
-        capsys, "keys", "generate", "--memory", "--staff", "x", "--account", ACCOUNT, "--spec", "DSA"
-    )
-    assert code == EXIT_BAD_INPUT
+    for spec in ("DSA", "", "-"):
+        code, _, err = run(capsys, "keys", "generate", "--staff", "x", "--account", ACCOUNT, "--spec", spec)
+        assert code == EXIT_BAD_INPUT and "key spec" in err
+    code, _, err = run(capsys, "thumbprint", "missing-chain.pem")
+    assert code == EXIT_BAD_INPUT and "missing-chain.pem" in err
     code, _, err = run(
         capsys, "grant", "alice", ACCOUNT, "--ticket", "T-1", "--ttl", "1h", "--issuer-base", ""
     )
     assert code == EXIT_BAD_INPUT and "issuer-base" in err
-    with pytest.raises(SystemExit) as raised:
-        main(["grant", "alice", ACCOUNT, "--ticket", "T-1", "--ttl", "soon"])
-    assert raised.value.code == 2
+    for ttl in ("soon", "99999999999d", "99999999999999999999"):
+        with pytest.raises(SystemExit) as raised:
+            main(["grant", "alice", ACCOUNT, "--ticket", "T-1", "--ttl", ttl])
+        assert raised.value.code == 2
 
 
 @pytest.mark.softhsm
@@ -126,6 +131,18 @@ def test_hsm_errors_exit_4_without_showing_the_pin(
     code, _, err = run(capsys, "keys", "list")
     assert code == EXIT_HSM and "no-such-token" in err
     assert pkcs11_env["HSM_KEYS_PIN"] not in err
+    monkeypatch.delenv("HSM_KEYS_TOKEN_LABEL")
+    code, _, err = run(capsys, "keys", "list")
+    assert code == EXIT_BAD_INPUT and "setup-token.sh" in err
+
+
+@pytest.mark.softhsm
+def test_a_wrong_pin_is_access_denied(
+    pkcs11_env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HSM_KEYS_PIN", "not-the-pin-4711")
+    code, _, err = run(capsys, "keys", "list")
+    assert code == EXIT_DENIED and "PIN" in err and "not-the-pin-4711" not in err
 
 
 def test_thumbprint_of_a_pem_chain_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

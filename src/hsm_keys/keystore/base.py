@@ -141,7 +141,7 @@ class KeyStore(abc.ABC):
             if existing is not None:
                 raise KeyExistsError(
                     f"{binding} already has key {existing.kid} (label {existing.label!r}); "
-                    "destroy it first or rotate"
+                    "destroy it first (hsm-keys keys destroy KID --yes) or revoke the grant"
                 )
             return self._generate(spec, binding, make_label(binding, spec, created_at), created_at)
 
