@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -10,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pkcs11 import Attribute, ObjectClass
-from pkcs11.exceptions import AttributeSensitive
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.exceptions import AttributeReadOnly, AttributeSensitive, PKCS11Error
 
+from hsm_keys.encoding.jwk import jwk_thumbprint, jwk_thumbprint_bytes
 from hsm_keys.errors import ConfigurationError, HsmKeysError, LoginError, TokenNotFoundError
 from hsm_keys.keystore import _cryptoki
+from hsm_keys.keystore.base import make_label
 from hsm_keys.keystore.pkcs11 import Pin, Pkcs11KeyStore, Pkcs11Uri
 from hsm_keys.types import Binding, KeySpec
 
@@ -50,15 +55,27 @@ def test_private_keys_are_token_sensitive_non_extractable_sign_only(softhsm_stor
         assert key[Attribute.NEVER_EXTRACTABLE] is True
         assert key[Attribute.ALWAYS_SENSITIVE] is True
         assert key[Attribute.SIGN] is True
-        for usage in (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE):
+        for usage in (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE, Attribute.SIGN_RECOVER):
             assert key[usage] is False
+        assert key[Attribute.COPYABLE] is False
         assert key[Attribute.LABEL] == info.label
         with pytest.raises(AttributeSensitive):
             _ = key[Attribute.VALUE]
+        # The token, not only our template, keeps the key inside: these can never be loosened.
+        for attribute, loosened in (
+            (Attribute.SENSITIVE, False),
+            (Attribute.EXTRACTABLE, True),
+            (Attribute.COPYABLE, True),
+        ):
+            with pytest.raises(AttributeReadOnly):
+                key[attribute] = loosened
+        with pytest.raises(PKCS11Error):
+            key.copy({})
         publics = list(
             pooled.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key.id})
         )
         assert len(publics) == 1 and publics[0][Attribute.VERIFY] is True
+        assert publics[0][Attribute.VERIFY_RECOVER] is False
 
 
 def test_rsa_private_exponent_is_not_readable(softhsm_store: Pkcs11KeyStore) -> None:
@@ -201,11 +218,40 @@ def test_configured_by_rfc7512_uri(pkcs11_env: dict[str, str], tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    "uri", ["pkcs12:token=x", "pkcs11:token", "pkcs11:token=x?pin-source=/no/such/file", "pkcs11:=x"]
+    "uri",
+    [
+        "pkcs12:token=x",
+        "pkcs11:token",
+        "pkcs11:token=x?pin-source=/no/such/file",
+        "pkcs11:=x",
+        "pkcs11:token=x;slot-id=0",
+        "pkcs11:token=x;manufacturer=SoftHSM%20project",
+        "pkcs11:token=x?module-name=softhsm2",
+    ],
 )
 def test_bad_uris_are_configuration_errors(uri: str) -> None:
     with pytest.raises(ConfigurationError):
         Pkcs11Uri.parse(uri)
+
+
+@pytest.mark.parametrize(
+    "uri", ["pkcs11:token=x?pin-value:S3cretPIN", "pkcs11:token=x?S3cretPIN", "pkcs11:S3cretPIN;token=x"]
+)
+def test_malformed_uri_errors_never_echo_the_text(uri: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Pkcs11Uri.parse(uri)
+    assert "S3cret" not in str(raised.value)
+
+
+def test_a_wrong_pin_is_refused_while_another_store_holds_the_login(pkcs11_env: dict[str, str]) -> None:
+    # PKCS#11 login belongs to the process: the token answers USER_ALREADY_LOGGED_IN without
+    # looking at the PIN, so the store must compare it with the PIN that logged in.
+    with Pkcs11KeyStore() as good:
+        with pytest.raises(LoginError, match="different PIN") as raised:
+            Pkcs11KeyStore(pin="not-the-pin")
+        assert "not-the-pin" not in str(raised.value)
+        with Pkcs11KeyStore(pin=pkcs11_env["HSM_KEYS_PIN"]) as same:
+            assert same.list_keys() == good.list_keys()
 
 
 def test_cloudhsm_style_pin_is_passed_unchanged(pkcs11_env: dict[str, str]) -> None:
@@ -236,3 +282,143 @@ def test_forked_child_signs_and_parent_keeps_working(softhsm_store: Pkcs11KeySto
 def test_errors_from_the_store_are_all_in_our_tree(softhsm_store: Pkcs11KeyStore) -> None:
     with pytest.raises(HsmKeysError):
         softhsm_store.sign("A" * 43, b"x", "ES256")
+
+
+def _plant_public_key(
+    store: Pkcs11KeyStore, label: str, object_id: bytes, params: bytes, point: bytes
+) -> Any:
+    """A public-key object made by "another tool" on the same token."""
+    with store.pool.borrow() as pooled:
+        return pooled.session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.KEY_TYPE: KeyType.EC_EDWARDS
+                if params.endswith(b"edwards25519") or params == bytes.fromhex("06032b6570")
+                else KeyType.EC,
+                Attribute.TOKEN: True,
+                Attribute.LABEL: label,
+                Attribute.ID: object_id,
+                Attribute.EC_PARAMS: params,
+                Attribute.EC_POINT: point,
+            }
+        )
+
+
+def test_keys_written_by_other_tools_in_any_encoding_are_read(softhsm_store: Pkcs11KeyStore) -> None:
+    # Ed25519 named by the PrintableString "edwards25519", its point as an OCTET STRING: the
+    # forms PKCS#11 3.0 allows, read by the same strict parser as every other token encoding.
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    label = make_label(Binding("planted-ed", ACCOUNT), KeySpec.ED25519, dt.datetime.now(dt.UTC))
+    planted = _plant_public_key(
+        softhsm_store, label, jwk_thumbprint_bytes(public), b"\x13\x0cedwards25519", b"\x04\x20" + raw
+    )
+    try:
+        found = softhsm_store.find(Binding("planted-ed", ACCOUNT))
+        assert found is not None and found.kid == jwk_thumbprint(public)
+    finally:
+        planted.destroy()
+
+
+def test_unreadable_or_mislabelled_objects_under_our_prefix_are_skipped(
+    softhsm_store: Pkcs11KeyStore,
+) -> None:
+    real = softhsm_store.generate(KeySpec.EC_P256, Binding("real-one", ACCOUNT))
+    p256 = bytes.fromhex("06082a8648ce3d030107")
+    good_point = real.public_key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    now = dt.datetime.now(dt.UTC)
+    planted = [
+        # a point that is not on the curve its label and params name
+        _plant_public_key(
+            softhsm_store,
+            make_label(Binding("garbage", ACCOUNT), KeySpec.EC_P256, now),
+            b"\x01" * 32,
+            p256,
+            b"\x04\x41\x04" + b"\x01" * 64,
+        ),
+        # a P-256 key whose label claims P-384
+        _plant_public_key(
+            softhsm_store,
+            make_label(Binding("wrong-spec", ACCOUNT), KeySpec.EC_P384, now),
+            jwk_thumbprint_bytes(real.public_key),
+            p256,
+            b"\x04\x41" + good_point,
+        ),
+        # the real key's point under an ID that is not its thumbprint: the kid would name
+        # whichever private key holds that ID
+        _plant_public_key(
+            softhsm_store,
+            make_label(Binding("other-id", ACCOUNT), KeySpec.EC_P256, now),
+            b"\x02" * 32,
+            p256,
+            b"\x04\x41" + good_point,
+        ),
+    ]
+    try:
+        kids = {(info.binding.staff, info.kid) for info in softhsm_store.list_keys()}
+        assert ("real-one", real.kid) in kids
+        assert not {staff for staff, _ in kids} & {"garbage", "wrong-spec", "other-id"}
+        assert softhsm_store.find(Binding("garbage", ACCOUNT)) is None
+    finally:
+        for obj in planted:
+            obj.destroy()
+
+
+def test_concurrent_writers_never_leave_two_keys_for_one_binding(
+    pkcs11_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Two processes race to generate for the same role name ("Race<n>" and "race<n>" are one IAM
+    # role); the in-process lock cannot see across them, so the store's re-check after writing must.
+    script = tmp_path / "race.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+        import multiprocessing as mp
+        from hsm_keys.errors import KeyExistsError
+        from hsm_keys.keystore.pkcs11 import Pkcs11KeyStore
+        from hsm_keys.types import Binding, KeySpec
+
+        ACCOUNT = "%s"
+
+        def writer(staff, barrier, out):
+            with Pkcs11KeyStore() as store:
+                barrier.wait(60)
+                try:
+                    out.put(("ok", store.generate(KeySpec.EC_P256, Binding(staff, ACCOUNT)).kid))
+                except KeyExistsError:
+                    out.put(("yielded", None))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            outcomes = []
+            for n in range(8):
+                barrier, out = ctx.Barrier(2), ctx.Queue()
+                procs = [
+                    ctx.Process(target=writer, args=(s, barrier, out), daemon=True)
+                    for s in (f"Race{n}", f"race{n}")
+                ]
+                for p in procs: p.start()
+                for p in procs: p.join(120)
+                assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+                results = [out.get(timeout=5) for _ in procs]
+                with Pkcs11KeyStore() as store:
+                    standing = [k for k in store.list_keys() if k.binding.same_as(Binding(f"race{n}", ACCOUNT))]
+                    assert len(standing) <= 1, standing
+                    winners = [kid for kind, kid in results if kind == "ok"]
+                    assert [k.kid for k in standing] == winners, (standing, results)
+                    for k in standing:
+                        store.destroy(k.kid)
+                outcomes.append(len(winners))
+            print(" ".join(map(str, outcomes)))
+        """
+        )
+        % "309876543210"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    winners = [int(x) for x in result.stdout.split()]
+    assert len(winners) == 8 and all(w <= 1 for w in winners)

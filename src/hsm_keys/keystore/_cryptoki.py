@@ -173,11 +173,15 @@ class OsLockingLib(_pkcs11.lib):
         self._functions = _Functions(self.so)
         _initialize_with_os_locking(self._functions)
 
-    def login(self, session_handle: int, pin: bytes) -> None:
-        """Log the application in; already being logged in counts as success."""
+    def login(self, session_handle: int, pin: bytes) -> bool:
+        """Log the application in; already being logged in counts as success.
+
+        Returns False when the token was already logged in: it then did not check ``pin``.
+        """
         rv = self._functions.login(session_handle, CKU_USER, pin, len(pin))
         if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
             raise CryptokiCallError("C_Login", rv)
+        return bool(rv == CKR_OK)
 
     def token_info(self, slot_id: int) -> CK_TOKEN_INFO:
         """Fields python-pkcs11 does not expose: session limits and counts."""

@@ -123,6 +123,14 @@ class KeyStore(abc.ABC):
     def _destroy(self, info: KeyInfo) -> None:
         """Delete both halves of the key."""
 
+    def _rivals(self, info: KeyInfo) -> list[str]:
+        """Other keys of ``info``'s binding (kids, or labels of keys still being written)."""
+        return [
+            other.kid
+            for other in self._all()
+            if other.binding.same_as(info.binding) and other.kid != info.kid
+        ]
+
     def _close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release backend resources (sessions, handles)."""
 
@@ -143,7 +151,19 @@ class KeyStore(abc.ABC):
                     f"{binding} already has key {existing.kid} (label {existing.label!r}); "
                     "destroy it first (hsm-keys keys destroy KID --yes) or revoke the grant"
                 )
-            return self._generate(spec, binding, make_label(binding, spec, created_at), created_at)
+            info = self._generate(spec, binding, make_label(binding, spec, created_at), created_at)
+            # Another process (or store object) on the same token may have generated for the same
+            # binding between our check and our write; nothing in PKCS#11 locks across them. Every
+            # writer checks again after writing and withdraws its own key if it sees another, so
+            # two keys never both stand (at worst both withdraw and the caller retries).
+            rivals = self._rivals(info)
+            if rivals:
+                self._destroy(info)
+                raise KeyExistsError(
+                    f"{binding} got key {rivals[0]} from another writer while this one was "
+                    "generating; this attempt's key was destroyed (retry if that key is gone too)"
+                )
+            return info
 
     def get(self, kid: str) -> KeyInfo:
         self._check_open()

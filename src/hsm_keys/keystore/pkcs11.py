@@ -12,7 +12,9 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import hashlib
+import hmac
 import itertools
+import logging
 import os
 import random
 import secrets
@@ -30,10 +32,16 @@ from pkcs11 import Attribute, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import KeyType as P11KeyType
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from hsm_keys.encoding.base64url import b64url_decode
+from hsm_keys.encoding.base64url import b64url_decode, b64url_encode
+from hsm_keys.encoding.ec_points import (
+    public_key_from_ec_point,
+    rsa_public_key_from_attributes,
+    spec_of_public_key,
+)
 from hsm_keys.encoding.jwk import jwk_thumbprint, jwk_thumbprint_bytes
 from hsm_keys.errors import (
     ConfigurationError,
+    EncodingError,
     HsmKeysError,
     InvalidInputError,
     KeyNotFoundError,
@@ -44,13 +52,13 @@ from hsm_keys.errors import (
     TokenNotFoundError,
 )
 from hsm_keys.keystore import _cryptoki
-from hsm_keys.keystore._attributes import public_key_from_ec_attributes, public_key_from_rsa_attributes
 from hsm_keys.keystore.base import LABEL_PREFIX, KeyStore, parse_label
 from hsm_keys.keystore.pool import PooledSession, SessionPool
 from hsm_keys.keystore.workers import ProcessSigner, WorkerConfig
-from hsm_keys.types import Binding, KeyInfo, KeySpec, KeyType, SignatureAlgorithm
+from hsm_keys.types import Binding, KeyInfo, KeySpec, KeyType, PublicKey, SignatureAlgorithm
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 SOFTHSM_PATHS = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -75,14 +83,21 @@ PRIVATE_KEY_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
     Attribute.SIGN: True,
+    Attribute.SIGN_RECOVER: False,
     Attribute.DECRYPT: False,
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
 }
+# No copy can be made (a copy could be given weaker attributes). PKCS#11 2.40; tokens that do not
+# know the attribute generate without it. CKA_MODIFIABLE stays true, and cannot be cleared later:
+# the CKA_ID (the thumbprint) is only known, and written, after generation. The token itself keeps
+# SENSITIVE from being cleared and EXTRACTABLE from being set, so the key still never leaves it.
+PRIVATE_KEY_HARDENING: Mapping[Attribute, Any] = {Attribute.COPYABLE: False}
 PUBLIC_KEY_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: False,
     Attribute.VERIFY: True,
+    Attribute.VERIFY_RECOVER: False,
     Attribute.ENCRYPT: False,
     Attribute.WRAP: False,
 }
@@ -377,6 +392,40 @@ class Pin:
         raise TypeError("a PIN cannot be pickled")
 
 
+class _LoginRegistry:
+    """Which PIN last logged this process in to each token, as a keyed digest.
+
+    PKCS#11 login belongs to the application: while any session of this process is logged in,
+    ``C_Login`` answers USER_ALREADY_LOGGED_IN without looking at the PIN. Without this record a
+    store built with a wrong PIN would work as long as another store held the login.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secret = secrets.token_bytes(32)
+        self._digests: dict[tuple[str, int, bytes], bytes] = {}
+
+    def _digest(self, pin: Pin) -> bytes:
+        return hmac.new(self._secret, pin.reveal(), hashlib.sha256).digest()
+
+    def check(self, token: tuple[str, int, bytes], pin: Pin, *, checked: bool) -> None:
+        digest = self._digest(pin)
+        with self._lock:
+            if checked:
+                self._digests[token] = digest
+                return
+            known = self._digests.get(token)
+        # No record: the login was made outside hsm_keys, whose PIN we cannot compare.
+        if known is not None and not hmac.compare_digest(known, digest):
+            raise LoginError(
+                "logging in: the token is already logged in by this process with a different PIN, "
+                "so this store's PIN was not accepted"
+            )
+
+
+_LOGINS = _LoginRegistry()
+
+
 def find_softhsm_module() -> str | None:
     return next((path for path in SOFTHSM_PATHS if os.path.exists(path)), None)
 
@@ -407,6 +456,17 @@ class Pkcs11Uri:
         path, _, query = body.partition("?")
         path_attrs = _uri_attributes(path, ";")
         query_attrs = _uri_attributes(query, "&")
+        for attrs, supported, where in (
+            (path_attrs, _URI_PATH_ATTRIBUTES, "path"),
+            (query_attrs, _URI_QUERY_ATTRIBUTES, "query"),
+        ):
+            unsupported = sorted(set(attrs) - supported - _URI_OBJECT_ATTRIBUTES)
+            if unsupported:
+                # Refused rather than ignored: a dropped selector could pick a different token.
+                raise ConfigurationError(
+                    f"PKCS#11 URI {where} attribute(s) {', '.join(map(repr, unsupported))} not "
+                    f"supported; this store selects a token by {', '.join(sorted(supported))}"
+                )
         pin: Pin | None = None
         if "pin-value" in query_attrs:
             pin = Pin(query_attrs["pin-value"])
@@ -420,12 +480,22 @@ class Pkcs11Uri:
         )
 
 
+_URI_PATH_ATTRIBUTES = frozenset({"token", "serial"})
+_URI_QUERY_ATTRIBUTES = frozenset({"module-path", "pin-value", "pin-source"})
+# A key's URI may configure the store: the store serves every key of the token it names.
+_URI_OBJECT_ATTRIBUTES = frozenset({"id", "object", "type"})
+
+
 def _uri_attributes(part: str, separator: str) -> dict[str, str]:
     attrs: dict[str, str] = {}
     for item in filter(None, part.split(separator)):
         name, eq, value = item.partition("=")
         if not eq or not name:
-            raise ConfigurationError(f"malformed PKCS#11 URI attribute {name or item[:20]!r}")
+            # Never echo the text: a malformed 'pin-value' would carry the PIN.
+            raise ConfigurationError(
+                f"malformed PKCS#11 URI: attribute {len(attrs) + 1} of its "
+                f"{'query' if separator == '&' else 'path'} is not name=value"
+            )
         attrs[name.strip().lower()] = urllib.parse.unquote(value)
     return attrs
 
@@ -453,6 +523,15 @@ CPU_BOUND_MANUFACTURERS: tuple[str, ...] = ("SoftHSM",)
 # "auto" uses processes only for batches at least this long: below it, a round trip to the workers
 # costs more than it can save.
 AUTO_PROCESS_MIN_BATCH = 32
+
+# Listing again after an object vanished mid-listing (another process destroyed it).
+_SCAN_ATTEMPTS = 5
+
+# A key pair is written with a temporary CKA_ID, replaced by its thumbprint once the public key is
+# read back. Another writer's pending pair still claims its binding, unless it is old enough to be
+# the leftover of a crashed process.
+_PENDING_ID_PREFIX = b"hsm-keys-pending-"
+_PENDING_CLAIM = dt.timedelta(minutes=5)
 
 _LIVE_STORES: weakref.WeakSet[Pkcs11KeyStore] = weakref.WeakSet()
 
@@ -571,6 +650,7 @@ class Pkcs11KeyStore(KeyStore):
         except Exception as exc:
             raise _translate(exc, f"loading PKCS#11 module {self.module_path}") from exc
         self._slot_id = int(self._token.slot.slot_id)
+        self._login_key = (self.module_path, self._slot_id, bytes(self._token.serial))
         manufacturer = str(getattr(self._lib, "manufacturer_id", "") or "")
         self.cpu_bound = manufacturer.startswith(CPU_BOUND_MANUFACTURERS)
         max_sessions = self.token_session_limit()
@@ -652,7 +732,8 @@ class Pkcs11KeyStore(KeyStore):
         except Exception as exc:
             raise _translate(exc, "opening a session") from exc
         try:
-            self._lib.login(session.handle, self._pin.reveal())
+            checked = self._lib.login(session.handle, self._pin.reveal())
+            _LOGINS.check(self._login_key, self._pin, checked=checked)
         except Exception as exc:
             self._close_session(session)
             raise _translate(exc, "logging in") from exc
@@ -698,7 +779,7 @@ class Pkcs11KeyStore(KeyStore):
     def _generate(self, spec: KeySpec, binding: Binding, label: str, created_at: dt.datetime) -> KeyInfo:
         def work(pooled: PooledSession[Any]) -> KeyInfo:
             session = pooled.session
-            temporary_id = b"hsm-keys-pending-" + secrets.token_bytes(8)
+            temporary_id = _PENDING_ID_PREFIX + secrets.token_bytes(8)
             public, private = self._generate_pair(session, spec, label, temporary_id)
             try:
                 public_key = self._public_key_of(public, spec)
@@ -730,9 +811,18 @@ class Pkcs11KeyStore(KeyStore):
 
     @staticmethod
     def _generate_pair(session: Any, spec: KeySpec, label: str, object_id: bytes) -> tuple[Any, Any]:
+        try:
+            return Pkcs11KeyStore._generate_pair_with(session, spec, label, object_id, PRIVATE_KEY_HARDENING)
+        except p11e.AttributeTypeInvalid:
+            return Pkcs11KeyStore._generate_pair_with(session, spec, label, object_id, {})
+
+    @staticmethod
+    def _generate_pair_with(
+        session: Any, spec: KeySpec, label: str, object_id: bytes, hardening: Mapping[Attribute, Any]
+    ) -> tuple[Any, Any]:
         common = {Attribute.LABEL: label, Attribute.ID: object_id}
         public_template = {**PUBLIC_KEY_TEMPLATE, **common}
-        private_template = {**PRIVATE_KEY_TEMPLATE, **common}
+        private_template = {**PRIVATE_KEY_TEMPLATE, **hardening, **common}
         flags = MechanismFlag.SIGN | MechanismFlag.VERIFY
         if spec.key_type is KeyType.RSA:
             public_template[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
@@ -771,18 +861,36 @@ class Pkcs11KeyStore(KeyStore):
         raise last
 
     @staticmethod
-    def _public_key_of(public: Any, spec: KeySpec) -> Any:
+    def _public_key_of(public: Any, spec: KeySpec) -> PublicKey:
+        """The public key a token object holds, which must be of the spec its label names."""
         if spec.key_type is KeyType.RSA:
-            return public_key_from_rsa_attributes(
+            key: PublicKey = rsa_public_key_from_attributes(
                 public[Attribute.MODULUS], public[Attribute.PUBLIC_EXPONENT]
             )
-        return public_key_from_ec_attributes(public[Attribute.EC_PARAMS], public[Attribute.EC_POINT])
+        else:
+            key = public_key_from_ec_point(public[Attribute.EC_POINT], public[Attribute.EC_PARAMS])
+        actual = spec_of_public_key(key)
+        if actual is not spec:
+            raise EncodingError(f"the object's label says {spec.value} but it holds a {actual.value} key")
+        return key
 
     def _scan(self, session: Any, object_id: bytes | None = None) -> list[_Handle]:
         """Read this library's public-key objects; reuse what is already known by object id."""
         template: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.TOKEN: True}
         if object_id is not None:
             template[Attribute.ID] = object_id
+        for attempt in itertools.count(1):
+            try:
+                return self._scan_once(session, template)
+            except (p11e.ObjectHandleInvalid, p11e.FunctionFailed):
+                # Another process destroyed an object after C_FindObjects found it: python-pkcs11
+                # reads each object's class while iterating, and SoftHSM answers FUNCTION_FAILED
+                # for an object whose file is gone. Rescan; a failure that persists is real.
+                if attempt >= _SCAN_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _scan_once(self, session: Any, template: Mapping[Attribute, Any]) -> list[_Handle]:
         with self._state_lock:
             known = {h.object_id: h for h in self._handles.values()}
         found: list[_Handle] = []
@@ -790,19 +898,57 @@ class Pkcs11KeyStore(KeyStore):
             label = obj[Attribute.LABEL]
             if not label.startswith(LABEL_PREFIX + "/"):
                 continue
+            oid = bytes(obj[Attribute.ID])
             parsed = parse_label(label)
             if parsed is None:
                 continue
-            oid = bytes(obj[Attribute.ID])
             handle = known.get(oid)
             if handle is None or handle.info.label != label:
                 binding, spec, created = parsed
-                public_key = self._public_key_of(obj, spec)
+                try:
+                    public_key = self._public_key_of(obj, spec)
+                except EncodingError as exc:
+                    # Another tool's object under our label prefix must not break every listing.
+                    _log.warning("skipping public-key object %r: %s", label, exc)
+                    continue
+                if oid != jwk_thumbprint_bytes(public_key):
+                    # Signing finds the private key by CKA_ID: an ID that is not this key's
+                    # thumbprint would make the kid name another key.
+                    _log.warning("skipping public-key object %r: its CKA_ID is not its thumbprint", label)
+                    continue
                 kid = jwk_thumbprint(public_key)
                 info = KeyInfo(kid, spec, binding, label, created, public_key)
                 handle = _Handle(info, oid)
             found.append(handle)
         return found
+
+    def _rivals(self, info: KeyInfo) -> list[str]:
+        def work(pooled: PooledSession[Any]) -> list[tuple[str, bytes]]:
+            template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.TOKEN: True}
+            for attempt in itertools.count(1):
+                try:
+                    return [
+                        (o[Attribute.LABEL], bytes(o[Attribute.ID]))
+                        for o in pooled.session.get_objects(template)
+                    ]
+                except (p11e.ObjectHandleInvalid, p11e.FunctionFailed):
+                    if attempt >= _SCAN_ATTEMPTS:
+                        raise
+            raise AssertionError("unreachable")
+
+        own_id = jwk_thumbprint_bytes(info.public_key)
+        cutoff = dt.datetime.now(dt.UTC) - _PENDING_CLAIM
+        rivals: list[str] = []
+        for label, object_id in self._with_session("checking for concurrent writers", work):
+            parsed = parse_label(label) if label.startswith(LABEL_PREFIX + "/") else None
+            if parsed is None or object_id == own_id or not parsed[0].same_as(info.binding):
+                continue
+            if object_id.startswith(_PENDING_ID_PREFIX):
+                if parsed[2] >= cutoff:
+                    rivals.append(f"(being written: {label})")
+            else:
+                rivals.append(b64url_encode(object_id))
+        return rivals
 
     def _all(self) -> list[KeyInfo]:
         def work(pooled: PooledSession[Any]) -> list[_Handle]:
