@@ -60,6 +60,13 @@ def _json(value: Mapping[str, Any], what: str) -> bytes:
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{what} cannot be encoded as JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidInputError(f"{what} nest too deeply to be encoded as JSON") from None
+
+
+# Longest token lifetime mint_jwt accepts. Tokens for STS live minutes; a year is already absurd
+# but still a valid date, unlike the overflowing timestamps an unbounded ttl produces.
+MAX_TTL_SECONDS = 366 * 24 * 3600
 
 
 def _ttl_seconds(ttl: int | dt.timedelta) -> int:
@@ -70,7 +77,12 @@ def _ttl_seconds(ttl: int | dt.timedelta) -> int:
     else:
         raise InvalidInputError(f"ttl must be whole seconds (int) or a timedelta, got {type(ttl).__name__}")
     if seconds <= 0:
-        raise InvalidInputError(f"ttl must be at least one second, got {ttl!r}")
+        raise InvalidInputError(f"ttl must be at least one second, got {seconds} s")
+    if seconds > MAX_TTL_SECONDS:
+        raise InvalidInputError(
+            f"ttl of {seconds} s is longer than a year ({MAX_TTL_SECONDS} s): "
+            "a token that outlives its key's rotation cannot be revoked by rotating"
+        )
     return seconds
 
 
@@ -177,7 +189,8 @@ def _key_for(key: Mapping[str, Any] | KeyInfo | PublicKey, header: Mapping[str, 
 
 def _alg_suits_key(alg: SignatureAlgorithm, public_key: PublicKey) -> bool:
     if isinstance(public_key, rsa.RSAPublicKey):
-        return alg.key_type is KeyType.RSA
+        # RFC 7518 section 3.3: RS*/PS* keys are 2048 bits or larger.
+        return alg.key_type is KeyType.RSA and public_key.key_size >= 2048
     try:
         return alg.allows(spec_of_public_key(public_key))
     except EncodingError:

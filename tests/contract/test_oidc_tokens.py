@@ -128,11 +128,23 @@ def test_jti_is_unique(store: KeyStore) -> None:
     assert all(len(b64url_decode(jti)) == 16 for jti in jtis)
 
 
-@pytest.mark.parametrize("ttl", [0, -1, dt.timedelta(0), dt.timedelta(milliseconds=500), 1.5, True, "60"])
+@pytest.mark.parametrize(
+    "ttl",
+    [0, -1, dt.timedelta(0), dt.timedelta(milliseconds=500), 1.5, True, "60", 10**30, dt.timedelta(days=367)],
+)
 def test_ttl_must_be_positive_whole_seconds(store: KeyStore, ttl: Any) -> None:
     info = store.generate(KeySpec.EC_P256, Binding("ttl", ACCOUNT))
     with pytest.raises(InvalidInputError, match="ttl"):
         oidc.mint_jwt(store, info.kid, CLAIMS, ttl=ttl)
+
+
+def test_claims_nested_too_deeply_are_invalid_input(store: KeyStore) -> None:
+    info = store.generate(KeySpec.EC_P256, Binding("deep", ACCOUNT))
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidInputError, match="deeply"):
+        oidc.mint_jwt(store, info.kid, {**CLAIMS, "x": deep}, ttl=60)
 
 
 @pytest.mark.parametrize("claim", ["iat", "exp", "nbf", "jti"])
@@ -320,3 +332,16 @@ def test_non_finite_time_claims_are_invalid_tokens(
     signature = b64url_encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
     with pytest.raises(InvalidTokenError, match="finite"):
         oidc.verify_jwt(f"{header}.{body}.{signature}", jwk, audience=AUDIENCE, issuer=ISSUER, now=NOW)
+
+
+def test_rsa_keys_below_2048_bits_do_not_verify_tokens() -> None:
+    # RFC 7518 section 3.3; the signature itself is valid, so only the size check can refuse it.
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    key = rsa.generate_private_key(65537, 1024)
+    header = b64url_encode(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    body = b64url_encode(json.dumps({**CLAIMS, "iat": NOW_TS, "exp": NOW_TS + 60}).encode())
+    signature = key.sign(f"{header}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    token = f"{header}.{body}.{b64url_encode(signature)}"
+    with pytest.raises(UnsupportedAlgorithmError, match="does not suit"):
+        oidc.verify_jwt(token, key.public_key(), audience=AUDIENCE, issuer=ISSUER, now=NOW)

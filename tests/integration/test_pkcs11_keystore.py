@@ -404,7 +404,8 @@ def test_concurrent_writers_never_leave_two_keys_for_one_binding(
                 assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
                 results = [out.get(timeout=5) for _ in procs]
                 with Pkcs11KeyStore() as store:
-                    standing = [k for k in store.list_keys() if k.binding.same_as(Binding(f"race{n}", ACCOUNT))]
+                    binding = Binding(f"race{n}", ACCOUNT)
+                    standing = [k for k in store.list_keys() if k.binding.same_as(binding)]
                     assert len(standing) <= 1, standing
                     winners = [kid for kind, kid in results if kind == "ok"]
                     assert [k.kid for k in standing] == winners, (standing, results)

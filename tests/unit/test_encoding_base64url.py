@@ -30,6 +30,13 @@ def test_padding_standard_alphabet_whitespace_and_non_canonical_text_are_rejecte
         b64url_decode(text)
 
 
+def test_bytes_like_input_is_accepted_and_other_types_are_encoding_errors() -> None:
+    assert b64url_decode(bytearray(b"QQ")) == b64url_decode(memoryview(b"QQ")) == b"A"
+    for bad in (None, 42, ["QQ"]):
+        with pytest.raises(EncodingError, match="str or bytes"):
+            b64url_decode(bad)  # type: ignore[arg-type]
+
+
 def test_non_ascii_bytes_are_rejected() -> None:
     with pytest.raises(EncodingError, match="ASCII"):
         b64url_decode(b"\xff\xfe")

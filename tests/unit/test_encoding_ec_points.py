@@ -173,6 +173,20 @@ def test_rsa_attributes() -> None:
     assert spec_of_public_key(key) is KeySpec.RSA_2048
     with pytest.raises(EncodingError, match="RSA"):
         rsa_public_key_from_attributes(numbers.n.to_bytes(256, "big"), b"\x02")
+    with pytest.raises(EncodingError, match="positive"):
+        rsa_public_key_from_attributes(-5, 3)
+    with pytest.raises(EncodingError, match="positive"):
+        rsa_public_key_from_attributes(numbers.n, 0)
+
+
+def test_spec_must_be_a_key_spec() -> None:
+    point = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    )
+    with pytest.raises(EncodingError, match="KeySpec"):
+        ec_point_bytes(point, "EC_P256")  # type: ignore[arg-type]
 
 
 def test_spec_of_public_key() -> None:

@@ -172,6 +172,28 @@ def test_rsa_members_with_leading_zero_octets_are_rejected() -> None:
         jwk_thumbprint(padded)
 
 
+@pytest.mark.parametrize(
+    "n",
+    [
+        b"\x01\x00\x02",  # 17 bits
+        (2**1023 + 1).to_bytes(128, "big"),  # 1024 bits: below RFC 7518's 2048
+        b64url_decode(RFC7638_JWK["n"])[:-1] + b"\x02",  # 2048 bits but even
+    ],
+)
+def test_rsa_moduli_that_are_too_small_or_even_are_rejected(n: bytes) -> None:
+    with pytest.raises(EncodingError, match="modulus"):
+        jwk_to_public_key(dict(RFC7638_JWK, n=b64url_encode(n)))
+
+
+def test_non_canonical_ed25519_points_are_rejected() -> None:
+    # y = p (all but the sign bit of 0xff..ff 7f is >= 2**255 - 19): a second encoding of y = 0.
+    non_canonical = (2**255 - 19).to_bytes(32, "little")
+    with pytest.raises(EncodingError, match="canonical"):
+        jwk_to_public_key(dict(RFC8037_JWK, x=b64url_encode(non_canonical)))
+    with pytest.raises(EncodingError, match="canonical"):
+        jwk_to_public_key(dict(RFC8037_JWK, x=b64url_encode(b"\xff" * 32)))
+
+
 def test_private_rsa_members_are_rejected() -> None:
     with pytest.raises(EncodingError, match="dp, p"):
         jwk_to_public_key(dict(RFC7638_JWK, p="AQAB", dp="AQAB"))

@@ -181,6 +181,10 @@ def test_normalize_thumbprint() -> None:
     assert normalize_thumbprint(colons) == digest.lower()
     assert normalize_thumbprint(f"  {digest.lower()}\n") == digest.lower()
     assert normalize_thumbprint(colons.replace(":", " ")) == digest.lower()
+    # Only ASCII separators: a no-break space or other Unicode space is not a thumbprint.
+    for odd in ("\u00a0", "\u2003", "\u3000"):
+        with pytest.raises(EncodingError):
+            normalize_thumbprint(colons.replace(":", odd))
     for bad in ("", digest[:-1], digest + "00", "zz" * 20, hashlib.sha256(b"x").hexdigest()):
         with pytest.raises(EncodingError, match="40 hex"):
             normalize_thumbprint(bad)

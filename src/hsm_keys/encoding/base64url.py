@@ -15,13 +15,15 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def b64url_decode(text: str | bytes) -> bytes:
+def b64url_decode(text: str | bytes | bytearray | memoryview) -> bytes:
     """Decode unpadded base64url; padding, whitespace and the standard alphabet are refused."""
-    if isinstance(text, bytes):
+    if isinstance(text, (bytes, bytearray, memoryview)):
         try:
-            text = text.decode("ascii")
+            text = bytes(text).decode("ascii")
         except UnicodeDecodeError as exc:
             raise EncodingError("base64url text must be ASCII") from exc
+    elif not isinstance(text, str):
+        raise EncodingError(f"base64url text must be str or bytes, got {type(text).__name__}")
     if not _B64URL_RE.fullmatch(text):
         raise EncodingError("base64url text may only hold A-Z a-z 0-9 - _ (no padding)")
     if len(text) % 4 == 1:

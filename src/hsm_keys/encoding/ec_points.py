@@ -46,6 +46,8 @@ def _unwrap(data: bytes, tag: int) -> bytes | None:
 def ec_point_bytes(point: bytes, spec: KeySpec) -> bytes:
     """The X9.62 point (``04||x||y``, or compressed ``02``/``03||x``) inside any token encoding."""
     data = _as_bytes(point, "EC point")
+    if not isinstance(spec, KeySpec):
+        raise EncodingError(f"spec must be a KeySpec, got {type(spec).__name__}")
     if spec.key_type is not KeyType.EC:
         raise EncodingError(f"{spec.value} is not a NIST P-curve key spec")
     size = spec.coordinate_size
@@ -99,6 +101,8 @@ def rsa_public_key_from_attributes(modulus: bytes | int, public_exponent: bytes 
         if isinstance(public_exponent, int)
         else int.from_bytes(_as_bytes(public_exponent, "public exponent"), "big")
     )
+    if n <= 0 or e <= 0:
+        raise EncodingError("RSA modulus and public exponent must be positive")
     try:
         return rsa.RSAPublicNumbers(e, n).public_key()
     except ValueError as exc:

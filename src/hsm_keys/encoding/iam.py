@@ -55,7 +55,7 @@ def normalize_thumbprint(value: str) -> str:
     """``"AB:CD:..."`` / ``"ab cd ..."`` / ``"ABCD..."`` -> 40 lowercase hex digits."""
     if not isinstance(value, str):
         raise EncodingError(f"a thumbprint must be a string, got {type(value).__name__}")
-    compact = re.sub(r"[\s:]", "", value).lower()
+    compact = re.sub(r"[ \t\r\n:]", "", value).lower()  # ASCII separators only
     if not _HEX40.fullmatch(compact):
         raise EncodingError(
             f"thumbprint {value!r} is not a SHA-1 digest (40 hex digits, optionally colon-separated)"

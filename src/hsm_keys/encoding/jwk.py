@@ -71,6 +71,12 @@ def _uint_member(jwk: Mapping[str, Any], name: str) -> int:
     return int.from_bytes(octets, "big")
 
 
+# Smallest RSA modulus accepted from a JWK: RFC 7518 section 3.3 requires 2048 bits for RS*/PS*.
+# (Keys this library makes are 2048, 3072 or 4096 bits.)
+_RSA_MIN_BITS = 2048
+_ED25519_P = 2**255 - 19
+
+
 def jwk_to_public_key(jwk: Mapping[str, Any]) -> PublicKey:
     """Parse a public JWK, checking sizes and that EC points lie on their curve."""
     if not isinstance(jwk, Mapping):
@@ -85,6 +91,11 @@ def jwk_to_public_key(jwk: Mapping[str, Any]) -> PublicKey:
         if kty == "RSA":
             n = _uint_member(jwk, "n")
             e = _uint_member(jwk, "e")
+            # cryptography accepts any odd-exponent pair; a modulus must at least be odd and big.
+            if n.bit_length() < _RSA_MIN_BITS or n % 2 == 0:
+                raise EncodingError(
+                    f"RSA modulus of {n.bit_length()} bits is not a valid key of {_RSA_MIN_BITS} bits or more"
+                )
             return rsa.RSAPublicNumbers(e, n).public_key()
         if kty == "EC":
             crv = _member(jwk, "crv")
@@ -105,6 +116,9 @@ def jwk_to_public_key(jwk: Mapping[str, Any]) -> PublicKey:
             x = b64url_decode(_member(jwk, "x"))
             if len(x) != 32:
                 raise EncodingError("Ed25519 public key must be 32 bytes")
+            # RFC 8032 section 5.1.3: the encoded y coordinate must be below p (canonical).
+            if int.from_bytes(x, "little") & ((1 << 255) - 1) >= _ED25519_P:
+                raise EncodingError("Ed25519 public key is not canonically encoded (y >= p)")
             return ed25519.Ed25519PublicKey.from_public_bytes(x)
     except ValueError as exc:
         if isinstance(exc, EncodingError):
