@@ -177,9 +177,9 @@ def make_event(
         "RequestId": request_id,
         "LogicalResourceId": "NotifyHook",
         "ResourceType": "Custom::Hook",
+        # Version is a resource attribute of the hook: CloudFormation does not send it as a property.
         "ResourceProperties": {
             "ServiceToken": "arn:aws:sns:us-east-1:123456789012:hsm-keys-onboarding",
-            "Version": "1.0",
             "RoleArn": role_arn,
             "AccountId": account,
         },
@@ -474,7 +474,6 @@ def test_no_time_left_still_answers_without_working(sink: Sink) -> None:
 def _props(**changes: Any) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "ServiceToken": "arn:aws:sns:us-east-1:123456789012:hsm-keys-onboarding",
-        "Version": "1.0",
         "RoleArn": ROLE_ARN,
         "AccountId": ACCOUNT,
     }
@@ -498,7 +497,8 @@ def _props(**changes: Any) -> dict[str, Any]:
         ({"ResourceProperties": _props(RoleArn=f"arn:aws:iam::{ACCOUNT}:user/x")}, "RoleArn"),
         ({"ResourceProperties": _props(Version="2.0")}, "Version"),
         ({"ResourceProperties": _props(ServiceToken=None)}, "ServiceToken"),
-        ({"ResourceProperties": "not a mapping"}, "Version"),
+        ({"ResourceProperties": "not a mapping"}, "ResourceProperties"),
+        ({"ResourceProperties": None}, "ResourceProperties"),
         ({"StackId": STACK.replace(ACCOUNT, "222233334444")}, "accounts disagree"),
         ({"StackId": "not-a-stack"}, "StackId"),
         ({"RequestType": "Rollback"}, "unknown RequestType"),
@@ -517,6 +517,17 @@ def test_bad_requests_get_one_failed_answer(sink: Sink, overrides: dict[str, Any
     assert answer["PhysicalResourceId"].startswith("hsm-keys-onboarding-")
     assert registry.accounts() == []
     assert result["outcomes"][0]["sent"] is True
+
+
+@pytest.mark.parametrize("properties", [_props(), _props(Version="1.0")], ids=["without", "with-1.0"])
+def test_version_is_optional_in_the_properties_but_checked_when_sent(
+    sink: Sink, properties: dict[str, Any]
+) -> None:
+    """The template's Version is a resource attribute, so CloudFormation sends no Version property."""
+    registry = MemoryAccountRegistry()
+    make_handler(registry)(make_event(sink, ResourceProperties=properties), Context(60_000))
+    assert sink.only().document["Status"] == "SUCCESS", sink.only().document["Reason"]
+    assert registry.require(ACCOUNT).role_arn == ROLE_ARN
 
 
 def test_update_with_bad_properties_fails_and_keeps_everything(sink: Sink) -> None:

@@ -121,8 +121,8 @@ def test_hook_and_outputs() -> None:
     hook = document["Resources"][templates.HOOK_LOGICAL_ID]
     assert hook == {
         "Type": "Custom::Hook",
+        "Version": "1.0",  # a resource attribute next to Type, not a property CloudFormation sends
         "Properties": {
-            "Version": "1.0",
             "ServiceToken": {"Ref": "ServiceToken"},
             "RoleArn": {"Fn::GetAtt": ["AssumeableRole", "Arn"]},
             "AccountId": {"Ref": "AWS::AccountId"},
@@ -134,6 +134,14 @@ def test_hook_and_outputs() -> None:
         "ManagementRoleArn": {"Value": {"Fn::GetAtt": ["AssumeableRole", "Arn"]}},
     }
     assert set(document["Resources"]) == {"AssumeableRole", "CustomerPolicy", "NotifyHook"}
+
+
+def test_the_hook_version_is_the_one_the_handler_supports() -> None:
+    from hsm_keys.provisioning.onboarding import SUPPORTED_VERSIONS
+
+    hook = templates.load_template()["Resources"][templates.HOOK_LOGICAL_ID]
+    assert "Version" not in hook["Properties"]
+    assert hook["Version"] == templates.HOOK_VERSION and templates.HOOK_VERSION in SUPPORTED_VERSIONS
 
 
 @pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published document not found at {PUBLISHED}")

@@ -26,7 +26,7 @@ from hsm_keys.provisioning.grants import GrantSettings, SupportAccess
 from hsm_keys.provisioning.issuer import DirectoryPublisher, HttpsOptions, IssuerScheme
 from hsm_keys.provisioning.onboarding import OnboardingHandler, allow_loopback_response_urls
 from hsm_keys.provisioning.registry import FileAccountRegistry
-from hsm_keys.templates import HOOK_LOGICAL_ID, HOOK_RESOURCE_TYPE, HOOK_VERSION
+from hsm_keys.templates import HOOK_LOGICAL_ID, HOOK_RESOURCE_TYPE
 
 DEFAULT_ISSUER_HOST = "idp.hsm-keys.test"
 DEFAULT_CUSTOMER_ACCOUNT = "111122223333"
@@ -78,7 +78,11 @@ def hook_event(
     physical_resource_id: str | None = None,
     old_properties: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The custom-resource event CloudFormation sends for the template's hook resource."""
+    """The custom-resource event CloudFormation sends for the template's hook resource.
+
+    ``Version`` is a resource attribute of the hook, not one of its properties, so CloudFormation
+    does not include it in ``ResourceProperties``.
+    """
     event: dict[str, Any] = {
         "RequestType": request_type,
         "ServiceToken": SERVICE_TOKEN,
@@ -89,7 +93,6 @@ def hook_event(
         "ResourceType": HOOK_RESOURCE_TYPE,
         "ResourceProperties": {
             "ServiceToken": SERVICE_TOKEN,
-            "Version": HOOK_VERSION,
             "RoleArn": role_arn,
             "AccountId": account,
         },

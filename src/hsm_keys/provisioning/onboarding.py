@@ -328,7 +328,7 @@ class _Request:
     request_id: str
     logical_resource_id: str
     physical_resource_id: str | None
-    properties: Mapping[str, Any]
+    properties: object  # a mapping in a well-formed request; checked by _validate
     stack: dict[str, str] | None
 
 
@@ -518,7 +518,7 @@ class OnboardingHandler:
             request_id=_text(event.get("RequestId")),
             logical_resource_id=_text(event.get("LogicalResourceId")),
             physical_resource_id=physical if isinstance(physical, str) and physical else None,
-            properties=properties if isinstance(properties, Mapping) else {},
+            properties=properties,
             stack=parse_stack_id(stack_id),
         )
 
@@ -561,16 +561,22 @@ class OnboardingHandler:
         if not request.request_id or not request.logical_resource_id:
             raise InvalidInputError("RequestId and LogicalResourceId are required")
         props = request.properties
-        version = props.get("Version")
-        if not isinstance(version, str):
-            raise InvalidInputError(
-                f"hook Version is invalid: expected a string (supported: {sorted(self._versions)}), "
-                f"got {'nothing' if version is None else 'a JSON ' + _json_type(version)}"
-            )
-        if version not in self._versions:
-            raise InvalidInputError(
-                f"hook Version {_text(version)[:20]!r} is not supported (supported: {sorted(self._versions)})"
-            )
+        if not isinstance(props, Mapping):
+            got = "nothing" if props is None else "a JSON " + _json_type(props)
+            raise InvalidInputError(f"ResourceProperties must be a JSON object, got {got}")
+        # The template sets Version as a resource attribute (next to Type), which CloudFormation does
+        # not send in ResourceProperties; a Version that is sent there must still be one we support.
+        if "Version" in props:
+            version = props["Version"]
+            if not isinstance(version, str):
+                raise InvalidInputError(
+                    f"hook Version is invalid: expected a string (supported: {sorted(self._versions)}), "
+                    f"got {'null' if version is None else 'a JSON ' + _json_type(version)}"
+                )
+            if version not in self._versions:
+                raise InvalidInputError(
+                    f"hook Version {version[:20]!r} is not supported (supported: {sorted(self._versions)})"
+                )
         if not isinstance(props.get("ServiceToken"), str) or not props["ServiceToken"]:
             raise InvalidInputError("ServiceToken is missing")
         account_id, role_arn = props.get("AccountId"), props.get("RoleArn")
