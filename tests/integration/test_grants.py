@@ -524,5 +524,37 @@ def test_a_role_whose_description_names_another_staff_member_is_not_ours(env: Lo
     assert env.access.list_grants(ACCOUNT) == vera
     assert env.access.reconcile(ACCOUNT) == []
     assert env.access.verify("vera", ACCOUNT).ok
+    # revoke and grant ask the same question as list_grants and reconcile: walt's role is not ours
+    with pytest.raises(NotOwnedError):
+        env.access.revoke("walt", ACCOUNT)
+    with pytest.raises(NotOwnedError):
+        env.access.grant("walt", ACCOUNT, ticket="T-2", ttl=dt.timedelta(hours=1))
+    with pytest.raises(OnboardingError, match="no grant"):
+        env.access.credentials("walt", ACCOUNT)
+    role = iam.get_role(RoleName="DoiT-Support-walt")["Role"]
+    assert role["Description"] == forged.to_description()
+    assert env.store.find(Binding("walt", ACCOUNT)) is None
     iam.delete_role(RoleName="DoiT-Support-walt")
     env.access.revoke("vera", ACCOUNT)
+
+
+def test_a_staff_policy_whose_description_names_another_staff_member_is_not_ours(
+    env: LocalEnvironment,
+) -> None:
+    iam = admin_iam(env)
+    arn = iam.create_policy(
+        PolicyName="DoiT-Support-xena",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}],
+            }
+        ),
+        Description=f"{MARKER}; staff=yuri; extra read-only support permissions",
+    )["Policy"]["Arn"]
+    with pytest.raises(NotOwnedError, match="DoiT-Support-xena"):
+        env.access.grant("xena", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    actions = env.access.revoke("xena", ACCOUNT)
+    assert [a.action for a in actions] == ["left alone"]
+    assert iam.get_policy(PolicyArn=arn)["Policy"]["PolicyName"] == "DoiT-Support-xena"
+    iam.delete_policy(PolicyArn=arn)

@@ -6,8 +6,10 @@ policy lets ``CreateRole`` and ``UpdateRoleDescription`` set (it grants no taggi
 names the pair. Every IAM call goes through a client guarded by the local scope check of the
 management policy, and through :class:`~hsm_keys.provisioning.aws.AwsCaller` for bounded retries.
 
-The library touches only what it created: roles whose description carries :data:`MARKER`, providers
-whose URL lies under its issuer base, policies whose description carries the marker.
+The library touches only what it created: providers whose URL lies under its issuer base, and roles
+and policies that pass :func:`owns` -- the description carries :data:`MARKER` *and* names the staff
+member the entity's name is for (``DoiT-Support-<staff>``). Every path (grant, revoke, list, reconcile,
+verify, credentials) asks that one predicate.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from hsm_keys.tls import fetch_chain
 from hsm_keys.types import STS_ALGORITHMS, Binding, KeyInfo, KeySpec, SignatureAlgorithm
 
 MARKER = "hsm-keys grant v1"
+ROLE_PREFIX = "DoiT-Support-"
 SECURITY_AUDIT_ARN = "arn:{partition}:iam::aws:policy/SecurityAudit"
 DESCRIPTION_MAX = 1000
 MIN_TTL = dt.timedelta(minutes=1)
@@ -304,12 +307,43 @@ def trust_policy(provider_arn: str, provider_url: str, audience: str, subject: s
 
 
 def _staff_of_role(role_name: str) -> str | None:
-    """Lower-case staff id a ``DoiT-Support-<staff>`` role is for, if it is a valid one."""
-    staff = role_name[len("DoiT-Support-") :]
+    """Lower-case staff id a ``DoiT-Support-<staff>`` role (or policy) is for, if it is a valid one."""
+    if not role_name.startswith(ROLE_PREFIX):
+        return None
+    staff = role_name[len(ROLE_PREFIX) :]
     try:
         return Binding(staff, "000000000000").staff.lower()
     except HsmKeysError:
         return None
+
+
+def _description_staff(description: object) -> str | None:
+    """The ``staff=`` a description written by this library names (lower case), else None."""
+    if not isinstance(description, str) or not description.startswith(MARKER + ";"):
+        return None
+    staff = dict(_DESCRIPTION_FIELD_RE.findall(description)).get("staff")
+    return staff.strip().lower() if staff else None
+
+
+def owns(name: str, description: object) -> bool:
+    """Whether a ``DoiT-Support-<staff>`` role or policy is this library's: marker AND name match.
+
+    The description carries :data:`MARKER` and names the staff member the entity's name is for. A
+    description copied onto another name (``DoiT-Support-walt`` saying ``staff=vera``) is not ours:
+    the name is the authority, as IAM keys the entity by it.
+    """
+    staff = _staff_of_role(name) if isinstance(name, str) else None
+    return staff is not None and _description_staff(description) == staff
+
+
+def owned_grant(role: Mapping[str, Any] | None) -> GrantRecord | None:
+    """The grant a role (as GetRole / ListRoles return it) carries, if the role is ours (:func:`owns`)."""
+    if role is None or not owns(str(role.get("RoleName", "")), role.get("Description")):
+        return None
+    record = GrantRecord.from_description(role.get("Description"))
+    if record is None or record.staff.lower() != _staff_of_role(str(role["RoleName"])):
+        return None
+    return record
 
 
 def _keys_by_binding(keys: Iterable[KeyInfo], account: str) -> dict[tuple[str, str], list[KeyInfo]]:
@@ -442,7 +476,7 @@ class SupportAccess:
         binding, key = self._canonical_binding(binding)
 
         role = self._get_role(iam, binding.role_name)
-        record = GrantRecord.from_description(role.get("Description")) if role else None
+        record = owned_grant(role)
         if role is not None and record is None:
             raise NotOwnedError(
                 f"role {binding.role_name} exists in account {account} but was not created by hsm-keys; "
@@ -575,7 +609,7 @@ class SupportAccess:
             if exc.code == "NoSuchEntity":
                 return
             raise
-        if not str(policy.get("Description", "")).startswith(MARKER):
+        if not owns(binding.role_name, policy.get("Description")):
             raise NotOwnedError(
                 f"policy {binding.role_name} exists in account {binding.account} "
                 "but was not created by hsm-keys; it is left alone",
@@ -658,7 +692,7 @@ class SupportAccess:
                 Description=f"{MARKER}; staff={binding.staff}; extra read-only support permissions",
             )
             return arn, True
-        if not str(policy.get("Description", "")).startswith(MARKER):
+        if not owns(binding.role_name, policy.get("Description")):
             raise NotOwnedError(
                 f"policy {binding.role_name} exists in account {binding.account} "
                 "but was not created by hsm-keys",
@@ -730,7 +764,7 @@ class SupportAccess:
             if exc.code == "NoSuchEntity":
                 return []
             raise
-        if not str(policy.get("Description", "")).startswith(MARKER):
+        if not owns(arn.rsplit("/", 1)[-1], policy.get("Description")):
             return [Action("", arn, "left alone", "policy not created by hsm-keys", ok=True)]
         if int(policy.get("AttachmentCount", 0)):
             entities = self._call(iam, "ListEntitiesForPolicy", PolicyArn=arn)
@@ -762,7 +796,7 @@ class SupportAccess:
         actions: list[Action] = []
         role = self._get_role(iam, binding.role_name)
         if role is not None:
-            if GrantRecord.from_description(role.get("Description")) is None:
+            if owned_grant(role) is None:
                 raise NotOwnedError(
                     f"role {binding.role_name} in account {account} was not created by hsm-keys; "
                     "not deleting it",
@@ -832,15 +866,14 @@ class SupportAccess:
         while True:
             page = self._call(iam, "ListRoles", **({"Marker": marker} if marker else {}))
             for listed in page.get("Roles", []):
-                if not listed["RoleName"].startswith("DoiT-Support-"):
+                if not listed["RoleName"].startswith(ROLE_PREFIX):
                     continue
                 # ListRoles may omit the description; GetRole has it
                 role = (
                     listed if "Description" in listed else (self._get_role(iam, listed["RoleName"]) or listed)
                 )
-                record = GrantRecord.from_description(role.get("Description"))
-                # The role's name is the authority: a description naming another staff id is not ours.
-                if record is not None and _staff_of_role(listed["RoleName"]) == record.staff.lower():
+                record = owned_grant({**role, "RoleName": listed["RoleName"]})
+                if record is not None:
                     roles.append((role, record))
             if not page.get("IsTruncated"):
                 return roles
@@ -1017,7 +1050,7 @@ class SupportAccess:
 
     def _record_for(self, iam: Any, binding: Binding) -> tuple[dict[str, Any], GrantRecord]:
         role = self._get_role(iam, binding.role_name)
-        record = GrantRecord.from_description(role.get("Description")) if role else None
+        record = owned_grant(role)
         if role is None or record is None:
             raise OnboardingError(
                 f"{binding} has no grant (no role {binding.role_name} created by hsm-keys)", code="NoGrant"
