@@ -6,9 +6,11 @@ management policy by a real policy evaluator (tests/policy), and tokens are chec
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 
 from hsm_keys.errors import (
     AccessDeniedError,
+    HsmKeysError,
     InvalidBindingError,
     InvalidInputError,
     NotOwnedError,
@@ -558,3 +561,72 @@ def test_a_staff_policy_whose_description_names_another_staff_member_is_not_ours
     assert [a.action for a in actions] == ["left alone"]
     assert iam.get_policy(PolicyArn=arn)["Policy"]["PolicyName"] == "DoiT-Support-xena"
     iam.delete_policy(PolicyArn=arn)
+
+
+def test_concurrent_grants_of_one_pair_leave_one_working_grant(
+    env: LocalEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads grant the same pair at once; neither may undo what the other made."""
+    barrier = threading.Barrier(2, timeout=1.0)
+    original = env.access._check_staff_policy_owned
+
+    def racing(*args: Any) -> None:
+        original(*args)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # both past their reads, if nothing serialises them
+
+    monkeypatch.setattr(env.access, "_check_staff_policy_owned", racing)
+    results: list[object] = []
+
+    def run(ticket: str) -> None:
+        try:
+            results.append(env.access.grant("yann", ACCOUNT, ticket=ticket, ttl=dt.timedelta(hours=1)))
+        except BaseException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"T-{i}",)) for i in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    monkeypatch.undo()
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    kids = {r.kid for r in results}  # type: ignore[attr-defined]
+    assert len(kids) == 1
+    assert {k.kid for k in env.store.list_keys() if k.binding.same_as(Binding("yann", ACCOUNT))} == kids
+    report = env.access.verify("yann", ACCOUNT)
+    assert report.ok, str(report)
+    env.access.revoke("yann", ACCOUNT)
+    assert_nothing_left(env, "yann")
+
+
+@pytest.mark.parametrize(
+    ("point", "error"),
+    [
+        ("_check_staff_policy_owned", "already has key"),  # the loser's key generation fails
+        ("_ensure_provider", "EntityAlreadyExists"),  # the loser made the key, the winner the role
+    ],
+)
+def test_a_losing_grant_rolls_back_only_what_it_created(
+    env: LocalEnvironment, monkeypatch: pytest.MonkeyPatch, point: str, error: str
+) -> None:
+    """A grant of the same pair (another process, here run re-entrantly) completes between the
+    loser's reads and its writes; the loser fails, and its rollback must leave the winner intact."""
+    original = getattr(env.access, point)
+    winners: list[object] = []
+
+    def interleaved(*args: Any, **kwargs: Any) -> Any:
+        if not winners:
+            winners.append("running")
+            winners[0] = env.access.grant("zoe", ACCOUNT, ticket="WIN-1", ttl=dt.timedelta(hours=1))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(env.access, point, interleaved)
+    with pytest.raises(HsmKeysError, match=error):
+        env.access.grant("zoe", ACCOUNT, ticket="LOSE-1", ttl=dt.timedelta(hours=1))
+    monkeypatch.undo()
+    report = env.access.verify("zoe", ACCOUNT)
+    assert report.ok, str(report)
+    assert [g.ticket for g in env.access.list_grants(ACCOUNT) if g.staff == "zoe"] == ["WIN-1"]
+    env.access.revoke("zoe", ACCOUNT)
+    assert_nothing_left(env, "zoe")

@@ -7,6 +7,7 @@ eventual consistency and error translation are handled in one place and tests ca
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -137,15 +138,21 @@ class AwsEnvironment:
         )
     )
 
+    #: boto3 sessions are not thread-safe: clients are made one at a time (calls on them are safe).
+    _client_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
     def client(self, service: str, session: boto3.Session | None = None, **options: Any) -> Any:
         make_client: Any = (session or self.session).client  # service chosen at run time
-        return make_client(
-            service,
-            region_name=self.region,
-            endpoint_url=self.endpoint_url,
-            config=options.pop("config", self.client_config),
-            **options,
-        )
+        with self._client_lock:
+            return make_client(
+                service,
+                region_name=self.region,
+                endpoint_url=self.endpoint_url,
+                config=options.pop("config", self.client_config),
+                **options,
+            )
 
     def _assume_management_role(self, account: str, role_arn: str, duration: int) -> dict[str, Any]:
         if account_of_role_arn(role_arn) != account:

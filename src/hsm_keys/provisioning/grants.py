@@ -18,9 +18,11 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import logging
 import re
+import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,10 +58,11 @@ from hsm_keys.provisioning.issuer import (
 )
 from hsm_keys.provisioning.registry import AccountRegistry
 from hsm_keys.tls import fetch_chain
-from hsm_keys.types import STS_ALGORITHMS, Binding, KeyInfo, KeySpec, SignatureAlgorithm
+from hsm_keys.types import ROLE_PREFIX, STS_ALGORITHMS, Binding, KeyInfo, KeySpec, SignatureAlgorithm
+
+logger = logging.getLogger(__name__)
 
 MARKER = "hsm-keys grant v1"
-ROLE_PREFIX = "DoiT-Support-"
 SECURITY_AUDIT_ARN = "arn:{partition}:iam::aws:policy/SecurityAudit"
 DESCRIPTION_MAX = 1000
 MIN_TTL = dt.timedelta(minutes=1)
@@ -289,6 +292,49 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+_BINDING_LOCKS: dict[tuple[str, str], tuple[threading.RLock, int]] = {}
+_BINDING_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def serialised(binding: Binding) -> Iterator[None]:
+    """Hold the process-wide lock of one (staff, account) pair (IAM's case-insensitive identity).
+
+    ``grant`` and ``revoke`` of one pair run one at a time within a process, whatever
+    :class:`SupportAccess` instance runs them; the lock is re-entrant, so ``reconcile`` may grant or
+    revoke from inside. Across processes, :class:`_Created` keeps a losing grant's rollback to what
+    that grant made.
+    """
+    key = binding.key
+    with _BINDING_LOCKS_GUARD:
+        lock, users = _BINDING_LOCKS.get(key, (threading.RLock(), 0))
+        _BINDING_LOCKS[key] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _BINDING_LOCKS_GUARD:
+            lock, users = _BINDING_LOCKS[key]
+            if users == 1:
+                del _BINDING_LOCKS[key]
+            else:
+                _BINDING_LOCKS[key] = (lock, users - 1)
+
+
+@dataclass
+class _Created:
+    """What one ``grant`` call created itself: the only things its rollback may undo."""
+
+    key: KeyInfo | None = None
+    published: bool = False
+    provider_arn: str | None = None
+    role_name: str | None = None
+    policy_arn: str | None = None
+
+    def __bool__(self) -> bool:
+        return any((self.key, self.published, self.provider_arn, self.role_name, self.policy_arn))
+
+
 def trust_policy(provider_arn: str, provider_url: str, audience: str, subject: str) -> dict[str, Any]:
     """Only web-identity tokens from this provider, for this audience and subject."""
     return {
@@ -469,8 +515,20 @@ class SupportAccess:
         ttl: dt.timedelta,
         alg: SignatureAlgorithm | str = SignatureAlgorithm.ES256,
     ) -> Grant:
-        """Create (or refresh) the pair's access. Idempotent: a repeat only updates ticket and expiry."""
+        """Create (or refresh) the pair's access. Idempotent: a repeat only updates ticket and expiry.
+
+        Grants (and revocations) of one pair run one at a time within the process. A grant that fails
+        half way undoes only what it created itself (key, issuer documents, provider, role, policy),
+        and nothing a concurrent grant of the same pair now relies on.
+        """
         binding, algorithm, expires_at = self._check_grant_inputs(staff, account, ticket, ttl, alg)
+        with serialised(binding):
+            return self._grant(binding, algorithm, ticket, expires_at)
+
+    def _grant(
+        self, binding: Binding, algorithm: SignatureAlgorithm, ticket: str, expires_at: dt.datetime
+    ) -> Grant:
+        account = binding.account
         iam = self._iam(account)  # fails early when the account is not onboarded or the role is gone
         partition = self._partition(account)
         binding, key = self._canonical_binding(binding)
@@ -486,16 +544,16 @@ class SupportAccess:
             )
 
         self._check_staff_policy_owned(iam, binding, partition)  # before anything is written
+        created = _Created()
         try:
             key, role, provider_arn, policy_arn = self._apply_grant(
-                iam, binding, key, role, record, algorithm, ticket, expires_at, partition
+                iam, binding, key, role, record, algorithm, ticket, expires_at, partition, created
             )
         except BaseException:
-            if role is None:
-                # A new grant that failed half way: remove what it made, leave no usable access.
-                # The original error matters; reconcile finishes whatever this cannot.
-                with contextlib.suppress(HsmKeysError):
-                    self.revoke(binding.staff, account)
+            # Undo what this call made, leave no usable access of its own making. The original error
+            # matters; reconcile finishes whatever this cannot.
+            if created:
+                self._roll_back(iam, binding, created)
             raise
         provider = self._call(iam, "GetOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn)
         grant = Grant(
@@ -533,14 +591,19 @@ class SupportAccess:
         ticket: str,
         expires_at: dt.datetime,
         partition: str,
+        created: _Created,
     ) -> tuple[KeyInfo, dict[str, Any], str, str]:
-        """Every write of a grant, in dependency order: key, issuer, provider, role, policies."""
+        """Every write of a grant, in dependency order: key, issuer, provider, role, policies.
+
+        Whatever it creates is noted in ``created`` the moment it exists, for the rollback.
+        """
         account = binding.account
         if key is None:
             spec = self.settings.key_specs.get(algorithm)
             if spec is None:
                 raise UnsupportedAlgorithmError(f"no key spec configured for {algorithm.value}")
             key = self.store.generate(spec, binding)
+            created.key = key
             self.audit.record(
                 "key.generate", kid=key.kid, staff=binding.staff, account=account, spec=spec.value
             )
@@ -555,8 +618,11 @@ class SupportAccess:
             role, record = None, None
 
         self._publish(binding, key, algorithm)
+        created.published = created.key is not None
         thumbprint = self._served_thumbprint()
         provider_arn, provider_fresh = self._ensure_provider(iam, binding, thumbprint)
+        if provider_fresh:
+            created.provider_arn = provider_arn
 
         new = GrantRecord(binding.staff, ticket, expires_at, key.kid, algorithm)
         expected_trust = trust_policy(
@@ -576,6 +642,7 @@ class SupportAccess:
                 Description=new.to_description(),
                 MaxSessionDuration=self.settings.session_duration,
             )["Role"]
+            created.role_name = binding.role_name
             role_fresh = True
         else:
             self._call(
@@ -591,6 +658,8 @@ class SupportAccess:
             PolicyArn=SECURITY_AUDIT_ARN.format(partition=partition),
         )
         policy_arn, policy_fresh = self._ensure_staff_policy(iam, binding, partition)
+        if policy_fresh:
+            created.policy_arn = policy_arn
         self._call(
             iam,
             "AttachRolePolicy",
@@ -599,6 +668,54 @@ class SupportAccess:
             PolicyArn=policy_arn,
         )
         return key, role, provider_arn, policy_arn
+
+    def _roll_back(self, iam: Any, binding: Binding, created: _Created) -> None:
+        """Undo what one failed grant created, and nothing else.
+
+        A role this call did not create but that is ours now belongs to a concurrent grant of the
+        same pair (another process): the key, documents, provider and policy it relies on stay.
+        Each step is attempted on its own; what cannot be undone is left to ``reconcile``.
+        """
+        undone: list[str] = []
+
+        def step(what: str, undo: Callable[[], object]) -> None:
+            try:
+                undo()
+                undone.append(what)
+            except HsmKeysError as exc:
+                logger.warning("rolling back the grant of %s: could not undo %s: %s", binding, what, exc)
+
+        if created.role_name is not None:
+            step(f"role {created.role_name}", lambda: self._delete_role(iam, binding.role_name))
+            adopted = False
+        else:
+            try:
+                adopted = owned_grant(self._get_role(iam, binding.role_name)) is not None
+            except HsmKeysError:
+                adopted = True  # cannot tell: leave the shared parts to reconcile
+        if not adopted:
+            if created.policy_arn is not None:
+                arn = created.policy_arn
+                step(f"policy {arn}", lambda: self._delete_staff_policy(iam, arn))
+            if created.provider_arn is not None:
+                arn_ = created.provider_arn
+                step(
+                    f"provider {arn_}",
+                    lambda: self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn_),
+                )
+            if created.key is not None:
+                key = created.key
+                step(
+                    f"key {key.kid}",
+                    lambda: self._destroy_keys_and_issuer(binding, [key], unpublish=created.published),
+                )
+        self.audit.record(
+            "access.grant.rollback",
+            staff=binding.staff,
+            account=binding.account,
+            undone=", ".join(undone),
+            left_for_concurrent_grant=adopted,
+        )
 
     def _check_staff_policy_owned(self, iam: Any, binding: Binding, partition: str) -> None:
         try:
@@ -790,6 +907,10 @@ class SupportAccess:
 
     def revoke(self, staff: str, account: str) -> list[Action]:
         """Remove the pair's role, policy, provider, key and issuer. Safe to repeat."""
+        with serialised(Binding(staff, account)):
+            return self._revoke(staff, account)
+
+    def _revoke(self, staff: str, account: str) -> list[Action]:
         binding, _ = self._canonical_binding(Binding(staff, account))
         iam = self._iam(account)
         partition = self._partition(account)
@@ -815,7 +936,7 @@ class SupportAccess:
         return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
 
     def _destroy_keys_and_issuer(
-        self, binding: Binding, keys: Iterable[KeyInfo] | None = None
+        self, binding: Binding, keys: Iterable[KeyInfo] | None = None, *, unpublish: bool = True
     ) -> list[Action]:
         """Destroy every key of the binding (a race may have left more than one) and its issuer."""
         actions = []
@@ -829,7 +950,7 @@ class SupportAccess:
             self.audit.record("key.destroy", kid=key.kid, staff=key.binding.staff, account=binding.account)
             actions.append(Action(binding.account, key.kid, "destroyed key"))
         path = self._issuer_path(binding)
-        if path.strip("/") in {p.strip("/") for p in self.publisher.published()}:
+        if unpublish and path.strip("/") in {p.strip("/") for p in self.publisher.published()}:
             self.publisher.unpublish(path)
             actions.append(Action(binding.account, self.scheme.issuer(binding), "unpublished issuer"))
         return actions
