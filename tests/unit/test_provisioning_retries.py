@@ -10,7 +10,13 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
-from hsm_keys.errors import AccessDeniedError, AwsError, StsExchangeError, ThrottledError
+from hsm_keys.errors import (
+    AccessDeniedError,
+    AwsError,
+    OnboardingError,
+    StsExchangeError,
+    ThrottledError,
+)
 from hsm_keys.keystore import MemoryKeyStore
 from hsm_keys.provisioning.aws import AwsCaller, AwsEnvironment, translate
 from hsm_keys.provisioning.grants import GrantRecord, GrantSettings, SupportAccess, trust_policy
@@ -288,3 +294,65 @@ def test_access_denied_from_sts_is_retried_only_for_a_just_created_role(
             with pytest.raises(StsExchangeError, match="AccessDenied"):
                 access.credentials("alice", ACCOUNT)
         sts_stub.assert_no_pending_responses()
+
+
+class StubbedOperations(AwsEnvironment):
+    """The real management-role path (AssumeRole from the operations account) over a stubbed STS."""
+
+    def __init__(self, sts: Any) -> None:
+        super().__init__(retries=AwsCaller(sleep=Sleeps()))
+        self._sts = sts
+
+    def client(self, service: str, session: Any = None, **options: Any) -> Any:
+        return self._sts if service == "sts" else super().client(service, session, **options)
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "AccessDeniedException"])
+def test_a_refused_management_role_is_access_denied(code: str) -> None:
+    from hsm_keys.cli import EXIT_DENIED, exit_code_for
+
+    sts = client("sts")
+    aws = StubbedOperations(sts)
+    registry = MemoryAccountRegistry(clock=lambda: NOW)
+    registry.register(
+        AccountRegistration(ACCOUNT, ROLE_ARN, f"arn:aws:cloudformation:us-east-1:{ACCOUNT}:stack/s/0", NOW)
+    )
+    store = MemoryKeyStore()
+    access = SupportAccess(
+        store, registry, aws, MemoryPublisher(), GrantSettings(issuer=IssuerScheme("https://idp.example.com"))
+    )
+    with Stubber(sts) as stub:
+        for _ in range(3):
+            stub.add_client_error(
+                "assume_role",
+                service_error_code=code,
+                service_message="User is not authorized to perform: sts:AssumeRole",
+                http_status_code=403,
+            )
+        for call in (
+            lambda: aws.management_role_id(ACCOUNT, ROLE_ARN),
+            lambda: access.grant("alice", ACCOUNT, ticket="CS-1", ttl=dt.timedelta(hours=1)),
+            lambda: access.list_grants(ACCOUNT),
+        ):
+            with pytest.raises(AccessDeniedError) as raised:
+                call()
+            assert isinstance(raised.value, OnboardingError)  # what callers caught before
+            assert (raised.value.operation, raised.value.code) == ("AssumeRole", code)
+            assert exit_code_for(raised.value) == EXIT_DENIED
+        stub.assert_no_pending_responses()
+    assert store.list_keys() == []
+
+
+def test_other_management_role_failures_stay_aws_errors() -> None:
+    from hsm_keys.cli import EXIT_AWS, exit_code_for
+
+    sts = client("sts")
+    aws = StubbedOperations(sts)
+    with Stubber(sts) as stub:
+        stub.add_client_error(
+            "assume_role", service_error_code="RegionDisabledException", http_status_code=403
+        )
+        with pytest.raises(OnboardingError) as raised:
+            aws.management_role_id(ACCOUNT, ROLE_ARN)
+    assert not isinstance(raised.value, AccessDeniedError)
+    assert exit_code_for(raised.value) == EXIT_AWS

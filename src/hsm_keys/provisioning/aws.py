@@ -46,6 +46,15 @@ _ROLE_ARN_RE = re.compile(r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/[\
 _ASSUMED_ROLE_ID_RE = re.compile(r"(?P<role_id>[A-Z0-9]{8,128}):[\w+=,.@-]{2,64}")
 
 
+class ManagementRoleDeniedError(AccessDeniedError, OnboardingError):
+    """STS refused ``AssumeRole`` into a customer's management role (AccessDenied).
+
+    The role is gone, or no longer trusts the operations account. It is an :class:`AccessDeniedError`
+    (what the CLI reports as access denied) and still an :class:`OnboardingError`, which callers of
+    the management role have always caught.
+    """
+
+
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, botocore.exceptions.ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
@@ -168,7 +177,8 @@ class AwsEnvironment:
             )
         except Exception as exc:
             error = translate(exc, "AssumeRole")
-            raise OnboardingError(
+            kind = ManagementRoleDeniedError if isinstance(error, AccessDeniedError) else OnboardingError
+            raise kind(
                 f"cannot assume the management role of account {account}: {error}",
                 operation="AssumeRole",
                 code=getattr(error, "code", ""),
@@ -190,7 +200,8 @@ class AwsEnvironment:
         STS answers ``AssumedRoleUser.AssumedRoleId`` = ``<role id>:<session name>``. IAM gives a
         recreated role a new id, so the id tells one incarnation of a role from the next. Raises
         :class:`OnboardingError` (``code`` = the AWS error code, e.g. ``AccessDenied`` when the role is
-        gone or no longer trusts the operations account). The credentials are not kept.
+        gone or no longer trusts the operations account: then it is a :class:`ManagementRoleDeniedError`,
+        an :class:`~hsm_keys.errors.AccessDeniedError` too). The credentials are not kept.
         """
         response = self._assume_management_role(account, role_arn, 900)
         user = response.get("AssumedRoleUser")
