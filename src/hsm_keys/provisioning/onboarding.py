@@ -268,45 +268,71 @@ class CustomResourceResponse:
     reason: str = ""
     data: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
 
-    def _document(self, reason: str) -> dict[str, Any]:
+    def _document(self, reason: str, *, echoed: int | None = None, data: bool = True) -> dict[str, Any]:
+        """The answer; ``echoed`` cuts each field echoed from the request to that many characters."""
+
+        def cut(value: str) -> str:
+            return value if echoed is None else value[:echoed]
+
         document: dict[str, Any] = {
             "Status": self.status.value,
             "Reason": reason,
-            "PhysicalResourceId": self.physical_resource_id,
-            "StackId": self.stack_id,
-            "RequestId": self.request_id,
-            "LogicalResourceId": self.logical_resource_id,
+            "PhysicalResourceId": cut(self.physical_resource_id),
+            "StackId": cut(self.stack_id),
+            "RequestId": cut(self.request_id),
+            "LogicalResourceId": cut(self.logical_resource_id),
             "NoEcho": False,
         }
-        if self.data:
+        if self.data and data:
             document["Data"] = dict(self.data)
         return document
 
     def body(self, limit: int = MAX_RESPONSE_BYTES) -> bytes:
-        """JSON body of at most ``limit`` bytes; the reason is cut (marked with ``...``) to fit."""
+        """JSON body of at most ``limit`` bytes, always valid JSON; the reason is cut (``...``) to fit.
+
+        Sizes are measured on the encoded JSON (a character may take up to 12 bytes escaped) and
+        text is only ever cut in characters before encoding, never in encoded bytes. When even an
+        empty reason does not fit, the request's echoed fields were oversized (a bogus request): the
+        answer then drops ``Data`` and cuts those fields too, as little as fits.
+        """
+
+        def encode(document: Mapping[str, Any]) -> bytes:
+            return json.dumps(document).encode("ascii")
+
+        def longest_fitting(size: int, make: Callable[[int], Mapping[str, Any]]) -> int | None:
+            """The largest n in [0, size] whose ``make(n)`` fits (the size grows with n), else None."""
+            if len(encode(make(0))) > limit:
+                return None
+            low, high = 0, size
+            while low < high:
+                middle = (low + high + 1) // 2
+                if len(encode(make(middle))) <= limit:
+                    low = middle
+                else:
+                    high = middle - 1
+            return low
+
         reason = self.reason or ("" if self.status is Status.SUCCESS else "failed")
         if len(reason) > _MAX_REASON_CHARS:
             reason = reason[:_MAX_REASON_CHARS] + "..."
-        encoded = json.dumps(self._document(reason)).encode()
+        encoded = encode(self._document(reason))
         if len(encoded) <= limit:
             return encoded
-        # Each character can take up to 12 bytes escaped; cut until it fits, keeping a marker.
-        low, high = 0, len(reason)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if len(json.dumps(self._document(reason[:middle] + "...")).encode()) <= limit:
-                low = middle
-            else:
-                high = middle - 1
-        encoded = json.dumps(self._document(reason[:low] + "...")).encode()
-        if len(encoded) <= limit:
-            return encoded
+        kept = longest_fitting(len(reason), lambda n: self._document(reason[:n] + "..."))
+        if kept is not None:
+            return encode(self._document(reason[:kept] + "..."))
         # Only oversized echoed fields (not ours to shorten, but the request was bogus) are left.
-        document = self._document("request fields too long")
-        document.pop("Data", None)
-        for key in ("StackId", "RequestId", "LogicalResourceId", "PhysicalResourceId"):
-            document[key] = str(document[key])[:256]
-        return json.dumps(document).encode()[:limit]
+        note = "request fields too long"
+        longest = max(
+            len(self.physical_resource_id),
+            len(self.stack_id),
+            len(self.request_id),
+            len(self.logical_resource_id),
+        )
+        echoed = longest_fitting(longest, lambda n: self._document(note, echoed=n, data=False))
+        if echoed is None:
+            raise ValueError(f"a custom-resource response cannot fit in {limit} bytes")
+        return encode(self._document(note, echoed=echoed, data=False))
 
 
 @dataclasses.dataclass(frozen=True)
