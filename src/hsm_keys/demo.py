@@ -1,7 +1,8 @@
 """The main job, end to end, on the embedded defaults (``make demo`` / ``hsm-keys demo``).
 
 A SoftHSM token, a local AWS (moto server on loopback, real boto3 clients over HTTP) and a loopback
-HTTPS issuer with a real certificate chain. Each step prints what it did and what it checked.
+HTTPS issuer with a real certificate chain. Each step prints what it did and what it checked, and is
+also recorded in ``transcript`` (what ``hsm-keys demo --json`` prints).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,19 +29,43 @@ DEMO_TOKEN = "hsm-keys-demo"
 
 
 class _Steps:
-    def __init__(self, out: TextIO) -> None:
+    """Prints each step and records it: ``{"step", "title", "details": {label: value}, "ok": [...]}``."""
+
+    def __init__(self, out: TextIO, transcript: list[dict[str, Any]]) -> None:
         self.out = out
+        self.transcript = transcript
         self.number = 0
+
+    @property
+    def _current(self) -> dict[str, Any]:
+        return self.transcript[-1]
 
     def step(self, title: str) -> None:
         self.number += 1
+        self.transcript.append({"step": self.number, "title": title, "details": {}, "ok": []})
         print(f"\n[{self.number}] {title}", file=self.out, flush=True)
 
     def show(self, label: str, value: Any) -> None:
+        self._current["details"][label] = value
         print(f"    {label:<26} {value}", file=self.out, flush=True)
 
+    def show_each(self, label: str, values: list[str]) -> None:
+        """One line per value, recorded as a list under ``label``."""
+        self._current["details"][label] = values
+        for value in values:
+            print(f"    {label:<26} {value}", file=self.out, flush=True)
+
     def ok(self, text: str) -> None:
+        self._current["ok"].append(text)
         print(f"    ok: {text}", file=self.out, flush=True)
+
+    def report(self, report: Any) -> None:
+        """``verify``'s report, rendered as ``hsm-keys doctor`` renders it (PASS / FAIL / SKIP)."""
+        from hsm_keys.cli import report_json, report_lines
+
+        self._current["details"]["checks"] = report_json(report)
+        for line in report_lines(report):
+            print(f"    {line}", file=self.out, flush=True)
 
 
 def _verify_with_pyjwt(token: str, jwks: dict[str, Any], issuer: str, audience: str) -> dict[str, Any]:
@@ -98,9 +124,13 @@ def run_demo(
     account: str = DEFAULT_CUSTOMER_ACCOUNT,
     ticket: str = "CS-1042",
     workdir: Path | None = None,
+    transcript: list[dict[str, Any]] | None = None,
 ) -> int:
-    """Run the whole flow; returns 0 when every step checked out."""
-    steps = _Steps(out)
+    """Run the whole flow; returns 0 when every step checked out.
+
+    Each step is also appended to ``transcript`` (when given) as a JSON-ready dict.
+    """
+    steps = _Steps(out, transcript if transcript is not None else [])
     binding = Binding(staff, account)  # bad input fails here, before anything starts
     with tempfile.TemporaryDirectory(prefix="hsm-keys-demo-") as scratch:
         root = Path(workdir or scratch)
@@ -141,8 +171,7 @@ def run_demo(
 
             steps.step("Verify what STS will check")
             report = env.access.verify(staff, account)
-            for line in str(report).splitlines():
-                print(f"    {line}", file=out)
+            steps.report(report)
             if not report.ok:
                 return 1
 
@@ -164,8 +193,8 @@ def run_demo(
             )
 
             steps.step(f"Revoke {staff}'s access")
-            for action in env.access.revoke(staff, account):
-                steps.show("revoked", f"{action.action} {action.target}")
+            actions = env.access.revoke(staff, account)
+            steps.show_each("revoked", [f"{action.action} {action.target}" for action in actions])
 
             steps.step("Nothing is left behind")
             admin_iam = env.aws.client("iam", env.aws.session_in(account))
@@ -187,4 +216,75 @@ def run_demo(
             steps.show("answer to CloudFormation", response["Status"])
             steps.show("still registered", env.registry.get(account) is not None)
         print("\nDemo complete: access was granted, verified, used read-only, and revoked.", file=out)
+    return 0
+
+
+#: moto accepts any credentials and acts as its default account (the operations account the local
+#: stack trusts); these placeholders name no real account and open nothing.
+LOCAL_AWS_PLACEHOLDERS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def serve_local(
+    *,
+    out: TextIO,
+    account: str = DEFAULT_CUSTOMER_ACCOUNT,
+    as_json: bool = False,
+    stop: threading.Event | None = None,
+) -> int:
+    """Keep a local AWS and HTTPS issuer running for the other commands (``hsm-keys demo --serve``).
+
+    The customer ``account`` deploys the published template, but its onboarding notification is not
+    sent: registering the account is left to ``hsm-keys accounts add``. Prints the settings that point
+    the provisioning commands here, then serves until interrupted (or ``stop`` is set). Keys live in
+    whatever HSM those commands are configured with; this process holds none.
+    """
+    from hsm_keys.keystore.memory import MemoryKeyStore
+
+    Binding("x", account)  # a bad account fails before anything starts
+    stop = stop or threading.Event()
+    with (
+        tempfile.TemporaryDirectory(prefix="hsm-keys-local-") as scratch,
+        MemoryKeyStore() as store,
+        LocalEnvironment(Path(scratch), store) as env,
+    ):
+        customer = env.deploy_stack(account)
+        address, port = env.issuer_server.address
+        settings = {
+            "HSM_KEYS_REGISTRY": str(env.registry.path),
+            "HSM_KEYS_ISSUER_BASE": f"https://{env.issuer_host}",
+            "HSM_KEYS_PUBLISH_DIR": str(env.issuer_server.root),
+            "HSM_KEYS_AWS_ENDPOINT": env.aws.endpoint_url,
+            "HSM_KEYS_CA_BUNDLE": str(env.pki.ca_file),
+            "HSM_KEYS_RESOLVE": f"{env.issuer_host}={address}:{port}",
+            **LOCAL_AWS_PLACEHOLDERS,
+        }
+        register = f"hsm-keys accounts add {account} {customer.role_arn} --stack-id {customer.stack_id}"
+        if as_json:
+            data = {
+                "account": account,
+                "role_arn": customer.role_arn,
+                "stack_id": customer.stack_id,
+                "environment": settings,
+            }
+            print(json.dumps(data, indent=2, sort_keys=True), file=out, flush=True)
+        else:
+            lines = [
+                "# A local AWS (moto) and HTTPS issuer for the provisioning commands; Ctrl-C stops both.",
+                f"# Customer {account} has deployed the support-access stack; its onboarding",
+                "# notification was not sent. In another shell (the HSM configured as usual):",
+                *(f"export {name}={value}" for name, value in settings.items()),
+                register,
+                f"hsm-keys grant jane.doe {account} --ticket CS-1042 --ttl 1h",
+                f"hsm-keys doctor jane.doe {account}",
+                f"hsm-keys list {account}",
+                f"hsm-keys revoke jane.doe {account}",
+            ]
+            print("\n".join(lines), file=out, flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    if not as_json:
+        print("# stopped; the local AWS and issuer are gone", file=out, flush=True)
     return 0

@@ -118,9 +118,8 @@ def test_bad_input_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert code == EXIT_BAD_INPUT and "issuer-base" in err
     for ttl in ("soon", "99999999999d", "99999999999999999999"):
-        with pytest.raises(SystemExit) as raised:
-            main(["grant", "alice", ACCOUNT, "--ticket", "T-1", "--ttl", ttl])
-        assert raised.value.code == 2
+        code, _, err = run(capsys, "grant", "alice", ACCOUNT, "--ticket", "T-1", "--ttl", ttl)
+        assert code == EXIT_BAD_INPUT and "--ttl" in err
 
 
 @pytest.mark.softhsm
@@ -202,7 +201,7 @@ def test_grant_list_doctor_revoke_through_the_cli(
     assert code == EXIT_OK and "cli.staff" in out and "CS-77" in out
 
     code, out, _ = run(capsys, "doctor", "cli.staff", ACCOUNT, *flags)
-    assert code == EXIT_OK and out.count("PASS") == 9
+    assert code == EXIT_OK and out.count("PASS") == 9 and "9 passed, 0 failed, 0 skipped" in out
 
     code, out, _ = run(capsys, "revoke", "cli.staff", ACCOUNT, "--json", *flags)
     assert code == EXIT_OK
@@ -212,8 +211,15 @@ def test_grant_list_doctor_revoke_through_the_cli(
     assert "DoiT-Support-cli.staff" not in [r["RoleName"] for r in admin.list_roles()["Roles"]]
     assert admin.list_open_id_connect_providers()["OpenIDConnectProviderList"] == []
 
+    # Checks that need the deleted role are not run: SKIP, counted apart from the failures.
     code, out, _ = run(capsys, "doctor", "cli.staff", ACCOUNT, *flags)
-    assert code == 1 and "FAIL" in out
+    assert code == 1 and "FAIL  role" in out and "SKIP  key" in out and "not checked" in out
+    assert "FAIL  key" not in out
+    code, out, _ = run(capsys, "doctor", "cli.staff", ACCOUNT, "--json", *flags)
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and report["failed"] >= 1 and report["skipped"] >= 1
+    assert report["passed"] + report["failed"] + report["skipped"] == len(report["checks"]) == 9
+    assert {c["status"] for c in report["checks"] if c["detail"].startswith("not checked")} == {"SKIP"}
 
 
 @pytest.mark.softhsm
