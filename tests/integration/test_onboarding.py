@@ -26,6 +26,7 @@ from hsm_keys.errors import AwsError, OnboardingError
 from hsm_keys.keystore import MemoryKeyStore
 from hsm_keys.local.environment import LocalEnvironment, hook_event
 from hsm_keys.provisioning.aws import AwsEnvironment
+from hsm_keys.provisioning.cancellation import Cancellation
 from hsm_keys.provisioning.onboarding import (
     MAX_RESPONSE_BYTES,
     OnboardingHandler,
@@ -444,6 +445,14 @@ def test_delete_fails_and_keeps_the_account_when_nothing_could_be_revoked(sink: 
     assert registry.get(ACCOUNT) is not None
 
 
+def _join_late_work() -> None:
+    """Wait for onboarding work threads that outlived their answer."""
+    for thread in threading.enumerate():
+        if thread.name == "hsm-keys-onboarding":
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+
+
 def test_the_deadline_is_answered_before_lambda_stops(sink: Sink) -> None:
     registry = MemoryAccountRegistry()
     _registered(registry)
@@ -457,6 +466,59 @@ def test_the_deadline_is_answered_before_lambda_stops(sink: Sink) -> None:
     assert answer["Status"] == "FAILED"
     assert "deadline" in answer["Reason"]
     assert result["outcomes"][0]["sent"] is True
+    # the revocation returns after the answer: the late work must not deregister (nor purge)
+    _join_late_work()
+    assert revoker.calls == [("revoke", ACCOUNT)]
+    assert registry.require(ACCOUNT).stack_id == STACK and not registry.is_retired(STACK)
+    assert len(sink.received) == 1
+
+
+def test_a_create_answered_failed_at_the_deadline_never_registers_later(sink: Sink) -> None:
+    registry = MemoryAccountRegistry()
+    gate = threading.Event()
+    checked: list[str] = []
+
+    def slow_role_check(registration: AccountRegistration) -> None:
+        gate.wait(10)
+        checked.append(registration.account_id)
+
+    try:
+        make_handler(registry, role_check=slow_role_check)(make_event(sink), Context(600))
+    finally:
+        gate.set()
+    assert sink.only().document["Status"] == "FAILED" and "deadline" in sink.only().document["Reason"]
+    _join_late_work()
+    assert checked == [ACCOUNT]  # the late work did go on ...
+    assert registry.get(ACCOUNT) is None  # ... and could not commit
+    assert len(sink.received) == 1
+
+
+def test_a_commit_in_progress_at_the_deadline_is_waited_for_and_answered_truly(
+    sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowRegistry(MemoryAccountRegistry):
+        def register(self, registration: AccountRegistration, **kwargs: Any) -> bool:
+            entered.set()
+            release.wait(10)
+            return super().register(registration, **kwargs)
+
+    original = Cancellation.cancel
+
+    def cancel(self: Cancellation, reason: str, *, timeout: float | None = None) -> bool:
+        assert entered.is_set()
+        release.set()  # the registry write in progress ends while the deadline path waits for it
+        return original(self, reason, timeout=timeout)
+
+    monkeypatch.setattr(Cancellation, "cancel", cancel)
+    registry = SlowRegistry()
+    try:
+        make_handler(registry, response_reserve=0.5)(make_event(sink), Context(1500))
+    finally:
+        release.set()
+    assert sink.only().document["Status"] == "SUCCESS"  # it was registered: saying FAILED would lie
+    assert registry.require(ACCOUNT).role_arn == ROLE_ARN
 
 
 def test_no_time_left_still_answers_without_working(sink: Sink) -> None:

@@ -356,3 +356,34 @@ def test_other_management_role_failures_stay_aws_errors() -> None:
             aws.management_role_id(ACCOUNT, ROLE_ARN)
     assert not isinstance(raised.value, AccessDeniedError)
     assert exit_code_for(raised.value) == EXIT_AWS
+
+
+def test_cancelled_work_sends_no_aws_call() -> None:
+    from hsm_keys.provisioning.cancellation import Cancellation, WorkCancelledError, cancellable
+
+    iam = client("iam")
+    token = Cancellation()
+    with Stubber(iam) as stub, cancellable(token):
+        stub.add_response("delete_role", {}, {"RoleName": "DoiT-Support-a"})
+        AwsCaller(sleep=Sleeps()).call(iam, "DeleteRole", RoleName="DoiT-Support-a")  # not cancelled yet
+        stub.add_response("delete_role", {}, {"RoleName": "DoiT-Support-b"})
+        assert token.cancel("answered") is True
+        with pytest.raises(WorkCancelledError, match="DeleteRole"):
+            AwsCaller(sleep=Sleeps()).call(iam, "DeleteRole", RoleName="DoiT-Support-b")
+        with pytest.raises(AssertionError):
+            stub.assert_no_pending_responses()  # the second call never reached the client
+
+
+def test_cancelled_work_destroys_no_key_and_unpublishes_nothing(stubbed: Any) -> None:
+    from hsm_keys.provisioning.cancellation import Cancellation, WorkCancelledError, cancellable
+
+    access, _, _, store, _ = stubbed
+    key = store.generate(KeySpec.EC_P256, Binding("alice", ACCOUNT))
+    access.publisher.publish(f"{ACCOUNT}/alice", {"jwks.json": b"{}"})
+    token = Cancellation()
+    token.cancel("answered")
+    with cancellable(token), pytest.raises(WorkCancelledError):
+        access.purge_account_offline(ACCOUNT)
+    assert store.find(Binding("alice", ACCOUNT)) == key
+    assert access.publisher.published() == [f"{ACCOUNT}/alice"]
+    assert len(access.purge_account_offline(ACCOUNT).actions) == 2  # outside the cancelled work: done

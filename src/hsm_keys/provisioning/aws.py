@@ -24,6 +24,7 @@ from hsm_keys.errors import (
     OnboardingError,
     ThrottledError,
 )
+from hsm_keys.provisioning.cancellation import WorkCancelledError, checkpoint
 from hsm_keys.provisioning.scope import ManagementScope
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class AwsCaller:
         method = getattr(client, botocore.xform_name(operation))
         attempt = 0
         while True:
+            checkpoint(f"{operation}")  # late work (its answer already given) sends nothing
             try:
                 return dict(method(**params))
             except botocore.exceptions.ClientError as exc:
@@ -175,6 +177,8 @@ class AwsEnvironment:
                 RoleSessionName=self.role_session_name,
                 DurationSeconds=duration,
             )
+        except WorkCancelledError:
+            raise
         except Exception as exc:
             error = translate(exc, "AssumeRole")
             kind = ManagementRoleDeniedError if isinstance(error, AccessDeniedError) else OnboardingError

@@ -49,6 +49,7 @@ from hsm_keys.errors import (
 )
 from hsm_keys.keystore.base import KeyStore
 from hsm_keys.provisioning.aws import AwsEnvironment, error_code, translate
+from hsm_keys.provisioning.cancellation import checkpoint
 from hsm_keys.provisioning.issuer import (
     HttpsOptions,
     IssuerPublisher,
@@ -602,6 +603,7 @@ class SupportAccess:
             spec = self.settings.key_specs.get(algorithm)
             if spec is None:
                 raise UnsupportedAlgorithmError(f"no key spec configured for {algorithm.value}")
+            checkpoint(f"generating the key of {binding}")
             key = self.store.generate(spec, binding)
             created.key = key
             self.audit.record(
@@ -738,6 +740,7 @@ class SupportAccess:
         issuer = self.scheme.issuer(binding)
         discovery = oidc.discovery_document(issuer, self.scheme.jwks_uri(binding), [alg.value])
         documents = issuer_documents(discovery, oidc.jwks([key], alg=alg))
+        checkpoint(f"publishing the issuer of {binding}")
         self.publisher.publish(self._issuer_path(binding), documents)
 
     def _issuer_path(self, binding: Binding) -> str:
@@ -944,6 +947,7 @@ class SupportAccess:
             keys = [k for k in self.store.list_keys() if k.binding.same_as(binding)]
         for key in keys:
             try:
+                checkpoint(f"destroying key {key.kid}")
                 self.store.destroy(key.kid)
             except KeyNotFoundError:
                 continue
@@ -951,6 +955,7 @@ class SupportAccess:
             actions.append(Action(binding.account, key.kid, "destroyed key"))
         path = self._issuer_path(binding)
         if unpublish and path.strip("/") in {p.strip("/") for p in self.publisher.published()}:
+            checkpoint(f"unpublishing {path}")
             self.publisher.unpublish(path)
             actions.append(Action(binding.account, self.scheme.issuer(binding), "unpublished issuer"))
         return actions
@@ -966,6 +971,7 @@ class SupportAccess:
         for path in self.publisher.published():
             parts = path.strip("/").split("/")
             if len(parts) >= 2 and parts[-2] == account:
+                checkpoint(f"unpublishing {path}")
                 self.publisher.unpublish(path)
                 actions.append(Action(account, path, "unpublished issuer"))
         return actions
@@ -1130,6 +1136,7 @@ class SupportAccess:
             return [*actions, Action(binding.account, binding.role_name, "removed grant", "expired")]
         extra = [k for k in keys if k.kid != record.kid]
         for key in extra:  # left by a race between two generators: the grant's key is the one that stays
+            checkpoint(f"destroying key {key.kid}")
             self.store.destroy(key.kid)
             actions.append(
                 Action(binding.account, key.kid, "destroyed duplicate key", f"grant uses {record.kid}")

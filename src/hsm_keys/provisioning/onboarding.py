@@ -44,7 +44,10 @@ Rules, and why:
 * The response body is at most 4,096 bytes (the reason is cut to fit), the URL is used byte for
   byte, and ``Content-Type`` is empty (the pre-signed signature covers it).
 * The work runs against the Lambda deadline (``get_remaining_time_in_millis``), keeping a reserve
-  for the answer: a request that does not finish in time is answered FAILED before Lambda kills us.
+  for the answer: a request that does not finish in time is answered FAILED before Lambda kills us,
+  and the work still running is cancelled (:mod:`hsm_keys.provisioning.cancellation`): it checks the
+  token before every AWS call, key or issuer write and registry commit, so it changes nothing after
+  that answer. A registry commit already in progress is waited for, and then its outcome is answered.
 * The pre-signed URL is a credential for writing the answer: it is logged without its query.
 """
 
@@ -67,6 +70,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from hsm_keys.errors import AwsError, HsmKeysError, InvalidInputError, OnboardingError
+from hsm_keys.provisioning.cancellation import Cancellation, WorkCancelledError, cancellable, committing
 from hsm_keys.provisioning.registry import (
     AccountRegistration,
     AccountRegistry,
@@ -640,10 +644,12 @@ class OnboardingHandler:
             return _Outcome(Status.FAILED, "too little time left to do the work; nothing was changed")
         result: list[_Outcome] = []
         failure: list[BaseException] = []
+        token = Cancellation()
 
         def target() -> None:
             try:
-                result.append(work())
+                with cancellable(token):
+                    result.append(work())
             except BaseException as exc:
                 failure.append(exc)
 
@@ -651,11 +657,23 @@ class OnboardingHandler:
         worker.start()
         worker.join(budget)
         if worker.is_alive():
-            return _Outcome(
-                Status.FAILED,
-                "did not finish before the deadline; the request can be retried "
-                "(for a stack deletion: delete the stack again)",
-            )
+            # The answer will be FAILED: from here on the work may write nothing (it checks the
+            # token before every AWS call, key, issuer and registry write). A commit in progress
+            # is waited for briefly; if one was made, the work's own outcome is the true answer.
+            left = deadline.remaining() or 0.0
+            exact = token.cancel("the deadline came first and FAILED was answered", timeout=left / 3)
+            if token.commits or not exact:
+                worker.join(max(0.0, min(left / 3, (deadline.remaining() or 0.0) - 1.0)))
+            if worker.is_alive() or not result:
+                logger.warning(
+                    "onboarding work did not finish before the deadline; it was cancelled%s",
+                    "" if exact else " while a registry write was in progress (it may have landed)",
+                )
+                return _Outcome(
+                    Status.FAILED,
+                    "did not finish before the deadline; nothing more will be changed and the request "
+                    "can be retried (for a stack deletion: delete the stack again)",
+                )
         if failure:
             exc = failure[0]
             if not isinstance(exc, HsmKeysError):
@@ -690,10 +708,11 @@ class OnboardingHandler:
             )
             replacing = current
         try:
-            if replacing is None:  # the plain call: never a take-over (registries that predate replacing)
-                changed = self._registry.register(registration)
-            else:
-                changed = self._registry.register(registration, replacing=replacing)
+            with committing(f"registering account {account_id}"):
+                if replacing is None:  # the plain call: never a take-over (registries that predate it)
+                    changed = self._registry.register(registration)
+                else:
+                    changed = self._registry.register(registration, replacing=replacing)
         except OnboardingError as exc:
             if exc.code != "RegisteredByAnotherStack":
                 raise
@@ -773,12 +792,14 @@ class OnboardingHandler:
         account_id = stack["account"]
         registration = self._registry.get(account_id)
         if registration is None or registration.stack_id != request.stack_id:
-            self._registry.deregister(account_id, stack_id=request.stack_id)  # retires this stack only
+            with committing(f"retiring stack {request.stack_id[:256]}"):
+                self._registry.deregister(account_id, stack_id=request.stack_id)  # this stack only
             return _Outcome(
                 Status.SUCCESS, f"account {account_id} is not registered by this stack; nothing to do"
             )
         summary = self._revoke(account_id)
-        self._registry.deregister(account_id, stack_id=request.stack_id)
+        with committing(f"deregistering account {account_id}"):
+            self._registry.deregister(account_id, stack_id=request.stack_id)
         return _Outcome(Status.SUCCESS, f"account {account_id} deregistered; {summary}")
 
     def _revoke(self, account_id: str) -> str:
@@ -788,6 +809,8 @@ class OnboardingHandler:
             if report.complete:
                 return report.summary()
             first = f"revocation incomplete ({report.summary()})"
+        except WorkCancelledError:
+            raise  # the answer was given: no offline purge either
         except Exception as exc:
             first = f"revocation through the management role failed ({_error_reason(exc)})"
         logger.warning("account %s: %s; purging its keys and issuers offline", account_id, first)
