@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
 
+from hsm_keys import templates
 from hsm_keys.errors import (
     AccessDeniedError,
     HsmKeysError,
@@ -30,9 +32,11 @@ from hsm_keys.errors import (
 )
 from hsm_keys.keystore import KeyStore, MemoryKeyStore
 from hsm_keys.local.environment import LocalEnvironment
-from hsm_keys.provisioning.grants import MARKER, GrantRecord
+from hsm_keys.provisioning.aws import AwsCaller, AwsEnvironment
+from hsm_keys.provisioning.grants import MARKER, GrantRecord, SupportAccess
 from hsm_keys.provisioning.issuer import IssuerScheme, https_get
 from hsm_keys.provisioning.recorder import CallRecorder
+from hsm_keys.provisioning.registry import AccountRegistration
 from hsm_keys.types import Binding, KeySpec, SignatureAlgorithm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))
@@ -630,3 +634,77 @@ def test_a_losing_grant_rolls_back_only_what_it_created(
     assert [g.ticket for g in env.access.list_grants(ACCOUNT) if g.staff == "zoe"] == ["WIN-1"]
     env.access.revoke("zoe", ACCOUNT)
     assert_nothing_left(env, "zoe")
+
+
+def test_an_account_in_another_partition_is_granted_with_its_own_arns(
+    env: LocalEnvironment, evaluator: PolicyEvaluator
+) -> None:
+    """aws-cn: every ARN (scope check, provider, SecurityAudit, staff policy) is in the account's
+    partition, taken from its registered management role ARN."""
+    account, region = "210987654321", "cn-north-1"
+    operations = boto3.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region
+    )
+    admin = operations.client("sts", endpoint_url=env.aws.endpoint_url).assume_role(
+        RoleArn=f"arn:aws-cn:iam::{account}:role/customer-admin", RoleSessionName="customer-admin"
+    )["Credentials"]
+    customer = boto3.Session(
+        aws_access_key_id=admin["AccessKeyId"],
+        aws_secret_access_key=admin["SecretAccessKey"],
+        aws_session_token=admin["SessionToken"],
+        region_name=region,
+    )
+    cloudformation = customer.client("cloudformation", endpoint_url=env.aws.endpoint_url)
+    stack_id = cloudformation.create_stack(
+        StackName="DoiT-support-access",
+        TemplateBody=templates.template_json(exclude_types={templates.HOOK_RESOURCE_TYPE}),
+        Parameters=[
+            {"ParameterKey": "AccountNumberParameter", "ParameterValue": "123456789012"},
+            {"ParameterKey": "ServiceToken", "ParameterValue": "arn:aws-cn:sns:cn-north-1:123456789012:t"},
+        ],
+        Capabilities=["CAPABILITY_NAMED_IAM"],
+    )["StackId"]
+    outputs = cloudformation.describe_stacks(StackName=stack_id)["Stacks"][0]["Outputs"]
+    role_arn = next(o["OutputValue"] for o in outputs if o["OutputKey"] == "ManagementRoleArn")
+    assert role_arn.startswith("arn:aws-cn:iam::")
+    env.registry.register(AccountRegistration(account, role_arn, stack_id, dt.datetime.now(dt.UTC)))
+
+    china = AwsEnvironment(
+        session=operations,
+        region=region,
+        endpoint_url=env.aws.endpoint_url,
+        retries=AwsCaller(base_delay=0.05),
+    )
+    calls = CallRecorder()
+    china.client_hooks.append(lambda client, acct: calls.attach(client, account_id=acct, partition="aws-cn"))
+    access = SupportAccess(env.store, env.registry, china, env.access.publisher, env.access.settings)
+    try:
+        grant = access.grant("li.wei", account, ticket="CN-1", ttl=dt.timedelta(hours=1))
+        assert grant.role_arn == f"arn:aws-cn:iam::{account}:role/DoiT-Support-li.wei"
+        assert (
+            grant.provider_arn
+            == f"arn:aws-cn:iam::{account}:oidc-provider/idp.hsm-keys.test/{account}/li.wei"
+        )
+        assert grant.staff_policy_arn == f"arn:aws-cn:iam::{account}:policy/DoiT-Support-li.wei"
+        iam = customer.client("iam", endpoint_url=env.aws.endpoint_url)
+        attached = {
+            p["PolicyArn"]
+            for p in iam.list_attached_role_policies(RoleName="DoiT-Support-li.wei")["AttachedPolicies"]
+        }
+        assert attached == {"arn:aws-cn:iam::aws:policy/SecurityAudit", grant.staff_policy_arn}
+        trust = iam.get_role(RoleName="DoiT-Support-li.wei")["Role"]["AssumeRolePolicyDocument"]
+        assert trust["Statement"][0]["Principal"] == {"Federated": grant.provider_arn}
+        report = access.verify("li.wei", account)
+        assert report.ok, str(report)
+        identity = china.client("sts", access.credentials("li.wei", account)).get_caller_identity()
+        assert identity["Account"] == account  # (moto names web-identity sessions in aws-cn user/moto)
+        assert [g.staff for g in access.list_grants(account)] == ["li.wei"]
+        assert access.reconcile(account) == []
+        access.revoke("li.wei", account)
+        assert not [r for r in iam.list_roles()["Roles"] if r["RoleName"].startswith("DoiT-Support")]
+        assert iam.list_open_id_connect_providers()["OpenIDConnectProviderList"] == []
+        assert env.store.find(Binding("li.wei", account)) is None
+    finally:
+        env.registry.deregister(account, stack_id=stack_id)
+    assert {c.partition for c in calls.calls} == {"aws-cn"} and calls.calls
+    PolicyEvaluator.assert_all_allowed(evaluator.evaluate_recorded(calls, partition="aws-cn"))

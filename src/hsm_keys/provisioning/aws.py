@@ -127,6 +127,14 @@ def account_of_role_arn(role_arn: str) -> str:
     return match.group(2)
 
 
+def partition_of_role_arn(role_arn: str) -> str:
+    """``aws``, ``aws-cn`` or ``aws-us-gov``: where the role, and so everything in its account, lives."""
+    match = _ROLE_ARN_RE.fullmatch(role_arn or "")
+    if not match:
+        raise OnboardingError(f"{role_arn!r} is not an IAM role ARN")
+    return match.group(1)
+
+
 @dataclass
 class AwsEnvironment:
     """Where AWS is: region, optional endpoint (a local moto server), and the operations session.
@@ -222,7 +230,7 @@ class AwsEnvironment:
     def management_iam(self, account: str, role_arn: str) -> Any:
         """An IAM client acting through the management role, guarded by the local scope check."""
         iam = self.client("iam", self.management_session(account, role_arn))
-        ManagementScope.for_account(account).install(iam)
+        ManagementScope.for_account(account, partition_of_role_arn(role_arn)).install(iam)
         for hook in self.client_hooks:
             hook(iam, account)
         return iam

@@ -476,7 +476,11 @@ class SupportAccess:
         return f"arn:{partition}:iam::{binding.account}:policy/{binding.role_name}"
 
     def _partition(self, account: str) -> str:
+        """``aws``, ``aws-cn`` or ``aws-us-gov``: the partition of the account's management role ARN."""
         return self.registry.require(account).partition
+
+    def _provider_arn(self, binding: Binding) -> str:
+        return self.scheme.provider_arn(binding, self._partition(binding.account))
 
     @staticmethod
     def _subject(binding: Binding) -> str:
@@ -768,7 +772,7 @@ class SupportAccess:
             raise
 
     def _ensure_provider(self, iam: Any, binding: Binding, thumbprint: str) -> tuple[str, bool]:
-        arn = self.scheme.provider_arn(binding)
+        arn = self._provider_arn(binding)
         provider = self._find_provider(iam, arn)
         if provider is not None and self.scheme.audience not in provider.get("ClientIDList", []):
             # Adding a client id is not permitted by the management policy: recreate with the final list.
@@ -929,7 +933,7 @@ class SupportAccess:
                 )
             actions += self._delete_role(iam, binding.role_name)
         actions += self._delete_staff_policy(iam, self._staff_policy_arn(binding, partition))
-        provider_arn = self.scheme.provider_arn(binding)
+        provider_arn = self._provider_arn(binding)
         if self._find_provider(iam, provider_arn) is not None and self._gone_ok(
             iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=provider_arn
         ):
@@ -1022,7 +1026,7 @@ class SupportAccess:
                     alg=record.alg,
                     issuer=self.scheme.issuer(binding),
                     role_arn=role["Arn"],
-                    provider_arn=self.scheme.provider_arn(binding),
+                    provider_arn=self._provider_arn(binding),
                     staff_policy_arn=self._staff_policy_arn(binding, partition),
                 )
             )
@@ -1068,7 +1072,7 @@ class SupportAccess:
         }
         providers = {}
         for entry in self._call(iam, "ListOpenIDConnectProviders").get("OpenIDConnectProviderList", []):
-            named = self.scheme.binding_of_provider_arn(entry["Arn"], account)
+            named = self.scheme.binding_of_provider_arn(entry["Arn"], account, partition)
             if named is not None:
                 providers[named] = entry["Arn"]
 
@@ -1332,7 +1336,7 @@ class SupportAccess:
             return f"kid present, thumbprint matches ({len(json.loads(body).get('keys', []))} key(s))"
 
         def provider_ok() -> str:
-            arn = self.scheme.provider_arn(binding)
+            arn = self._provider_arn(binding)
             provider = self._find_provider(context["iam"], arn)
             if provider is None:
                 raise ValueError(f"no OIDC provider {arn}")
@@ -1352,7 +1356,7 @@ class SupportAccess:
 
         def trust_ok() -> str:
             expected = trust_policy(
-                self.scheme.provider_arn(binding),
+                self._provider_arn(binding),
                 self.scheme.provider_url(binding),
                 self.scheme.audience,
                 self._subject(binding),

@@ -52,6 +52,8 @@ class IssuerScheme:
 
     base_url: str
     audience: str = STS_AUDIENCE
+    #: Only a default: a provider's ARN is in its account's partition (``aws``, ``aws-cn``,
+    #: ``aws-us-gov``), which the access layer passes from the account's management role ARN.
     partition: str = "aws"
 
     def __post_init__(self) -> None:
@@ -84,19 +86,26 @@ class IssuerScheme:
         """How IAM names the provider: the issuer without ``https://``."""
         return self.issuer(binding).removeprefix("https://")
 
-    def provider_arn(self, binding: Binding) -> str:
-        return f"arn:{self.partition}:iam::{binding.account}:oidc-provider/{self.provider_url(binding)}"
+    def provider_arn(self, binding: Binding, partition: str | None = None) -> str:
+        """The provider's ARN in ``partition`` (the account's; default :attr:`partition`)."""
+        return (
+            f"arn:{partition or self.partition}:iam::{binding.account}:oidc-provider/"
+            f"{self.provider_url(binding)}"
+        )
 
-    def owns_provider_arn(self, arn: str, account: str) -> bool:
+    def owns_provider_arn(self, arn: str, account: str, partition: str | None = None) -> bool:
         """True for providers under this base in ``account`` (the library's namespace)."""
         prefix = (
-            f"arn:{self.partition}:iam::{account}:oidc-provider/{self.base_url.removeprefix('https://')}/"
+            f"arn:{partition or self.partition}:iam::{account}:oidc-provider/"
+            f"{self.base_url.removeprefix('https://')}/"
         )
         return arn.startswith(prefix) and arn[len(prefix) :].startswith(f"{account}/")
 
-    def binding_of_provider_arn(self, arn: str, account: str) -> tuple[str, str] | None:
+    def binding_of_provider_arn(
+        self, arn: str, account: str, partition: str | None = None
+    ) -> tuple[str, str] | None:
         """(account, lower-case staff) named by one of our provider ARNs, else None."""
-        if not self.owns_provider_arn(arn, account):
+        if not self.owns_provider_arn(arn, account, partition):
             return None
         rest = arn.split(":oidc-provider/", 1)[1].removeprefix(self.base_url.removeprefix("https://") + "/")
         parts = rest.split("/")
