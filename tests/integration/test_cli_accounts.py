@@ -28,7 +28,9 @@ from hsm_keys.local.environment import CustomerAccount, LocalEnvironment
 from hsm_keys.local.pki import make_pki
 from hsm_keys.local.server import LoopbackIssuerServer
 
-ACCOUNT = "444455556666"
+# moto keeps its state per process and other test modules deploy stacks too: accounts of our own.
+ACCOUNT = "565656565656"
+DEMO_ACCOUNT = "575757575757"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/DoiT_Management_Role_DO-NOT-DELETE"
 STACK = (
     f"arn:aws:cloudformation:us-east-1:{ACCOUNT}:stack/support-access/6a1b2c3d-0000-1111-2222-333344445555"
@@ -92,7 +94,7 @@ def test_accounts_add_list_remove_by_hand(tmp_path: Path, capsys: pytest.Capture
         capsys, "accounts", "add", ACCOUNT, ROLE.replace(ACCOUNT, "111122223333"), "--stack-id", STACK,
         "--no-verify", *flags,
     )  # fmt: skip
-    assert code == EXIT_BAD_INPUT and "not in 444455556666" in err
+    assert code == EXIT_BAD_INPUT and f"not in {ACCOUNT}" in err
     code, _, err = run(capsys, "accounts", "add", ACCOUNT, ROLE, "--stack-id", "stack", "--no-verify", *flags)
     assert code == EXIT_BAD_INPUT and "not a CloudFormation stack id" in err
 
@@ -221,7 +223,9 @@ def test_thumbprint_of_a_live_server_by_url_with_curl_style_resolve(
 @pytest.mark.aws
 @pytest.mark.slow
 def test_demo_json_prints_one_json_document(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "demo", "--store", "memory", "--json", "--staff", "json.demo")
+    code, out, err = run(
+        capsys, "demo", "--store", "memory", "--json", "--staff", "json.demo", "--account", DEMO_ACCOUNT
+    )
     assert code == EXIT_OK, err
     result = json.loads(out)  # stdout is the JSON document and nothing else
     assert result["ok"] is True
