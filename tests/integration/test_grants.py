@@ -79,6 +79,16 @@ def recorder(env: LocalEnvironment, evaluator: PolicyEvaluator) -> Iterator[Call
     PolicyEvaluator.assert_all_allowed(evaluator.evaluate_recorded(calls))
 
 
+@pytest.fixture
+def operations_calls(env: LocalEnvironment, monkeypatch: pytest.MonkeyPatch) -> CallRecorder:
+    """Every call made with the operations account's session (STS AssumeRole of management roles)."""
+    calls = CallRecorder()
+    session = env.aws.operations_session()
+    calls.attach(session)
+    monkeypatch.setattr(env.access.aws, "session", session)
+    return calls
+
+
 def admin_iam(env: LocalEnvironment, account: str = ACCOUNT) -> Any:
     return env.aws.client("iam", env.aws.session_in(account))
 
@@ -301,18 +311,48 @@ def test_pre_existing_role_not_created_by_us_is_reported_not_adopted(env: LocalE
     iam.delete_role(RoleName="DoiT-Support-frank")
 
 
-def test_more_than_five_thumbprints_is_a_clear_error(env: LocalEnvironment) -> None:
-    scheme = env.access.scheme
-    binding = Binding("gina", ACCOUNT)
-    admin_iam(env).create_open_id_connect_provider(
-        Url=scheme.issuer(binding),
-        ClientIDList=["sts.amazonaws.com"],
-        ThumbprintList=[f"{i:040x}" for i in range(1, 6)],
+STALE = [f"{i:040x}" for i in range(1, 6)]
+
+
+def test_a_provider_full_of_stale_thumbprints_is_rotated_on_a_repeat_grant(env: LocalEnvironment) -> None:
+    """IAM holds at most five thumbprints: a repeat grant puts the served one first and keeps the most
+    recent four others (the library writes newest first), instead of failing for ever."""
+    first = env.access.grant("gina", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    served = env.pki.intermediate.fingerprint(hashes.SHA1()).hex()
+    assert first.thumbprints == (served,) and first.notes == ()
+    iam = admin_iam(env)
+    iam.update_open_id_connect_provider_thumbprint(
+        OpenIDConnectProviderArn=first.provider_arn, ThumbprintList=STALE
     )
-    with pytest.raises(InvalidInputError, match="5"):
-        env.access.grant("gina", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
-    env.access.reconcile(ACCOUNT)
+    assert not env.access.verify("gina", ACCOUNT).ok
+    again = env.access.grant("gina", ACCOUNT, ticket="T-2", ttl=dt.timedelta(hours=1))
+    assert again.thumbprints == (served, *STALE[:4])
+    assert len(again.notes) == 1 and served in again.notes[0] and STALE[4] in again.notes[0]  # reported
+    assert again.to_json()["notes"] == list(again.notes)
+    provider = iam.get_open_id_connect_provider(OpenIDConnectProviderArn=first.provider_arn)
+    assert provider["ThumbprintList"] == [served, *STALE[:4]]
+    assert env.access.verify("gina", ACCOUNT).ok
+    assert env.access.grant("gina", ACCOUNT, ticket="T-3", ttl=dt.timedelta(hours=1)).notes == ()
+    env.access.revoke("gina", ACCOUNT)
     assert_nothing_left(env, "gina")
+
+
+def test_reconcile_notices_a_provider_without_the_served_thumbprint(env: LocalEnvironment) -> None:
+    grant = env.access.grant("gus", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))
+    served = grant.thumbprints[0]
+    iam = admin_iam(env)
+    iam.update_open_id_connect_provider_thumbprint(
+        OpenIDConnectProviderArn=grant.provider_arn, ThumbprintList=STALE
+    )
+    actions = env.access.reconcile(ACCOUNT)
+    assert [(a.action, a.target, a.detail) for a in actions] == [
+        ("completed grant", "DoiT-Support-gus", "thumbprint of the served chain")
+    ]
+    provider = iam.get_open_id_connect_provider(OpenIDConnectProviderArn=grant.provider_arn)
+    assert provider["ThumbprintList"][0] == served
+    assert env.access.verify("gus", ACCOUNT).ok
+    assert env.access.reconcile(ACCOUNT) == []
+    env.access.revoke("gus", ACCOUNT)
 
 
 def test_expire_revokes_only_what_is_past_its_expiry(env: LocalEnvironment) -> None:
@@ -708,3 +748,57 @@ def test_an_account_in_another_partition_is_granted_with_its_own_arns(
         env.registry.deregister(account, stack_id=stack_id)
     assert {c.partition for c in calls.calls} == {"aws-cn"} and calls.calls
     PolicyEvaluator.assert_all_allowed(evaluator.evaluate_recorded(calls, partition="aws-cn"))
+
+
+def test_reconcile_removes_staff_policies_and_issuer_documents_left_without_key_and_role(
+    env: LocalEnvironment, recorder: CallRecorder
+) -> None:
+    iam = admin_iam(env)
+    document = json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:List*", "Resource": "*"}]}
+    )
+    ours = iam.create_policy(
+        PolicyName="DoiT-Support-hal",
+        PolicyDocument=document,
+        Description=f"{MARKER}; staff=hal; extra read-only support permissions",
+    )["Policy"]["Arn"]
+    foreign = iam.create_policy(PolicyName="DoiT-Support-ian", PolicyDocument=document)["Policy"]["Arn"]
+    env.access.publisher.publish(f"{ACCOUNT}/jill", {"jwks.json": b'{"keys": []}\n'})
+    kept = env.access.grant("kim", ACCOUNT, ticket="T-1", ttl=dt.timedelta(hours=1))  # a live grant stays
+
+    actions = env.access.reconcile(ACCOUNT)
+    assert sorted((a.action, a.target, a.detail) for a in actions) == [
+        ("deleted policy", ours, "no key and no role"),
+        ("unpublished issuer", f"https://idp.hsm-keys.test/{ACCOUNT}/jill", "no key"),
+    ]
+    assert "DoiT-Support-hal" not in doit_policies(env) and "DoiT-Support-ian" in doit_policies(env)
+    assert f"{ACCOUNT}/jill" not in env.access.publisher.published()
+    assert env.access.verify("kim", ACCOUNT).ok and kept.kid == env.access.list_grants(ACCOUNT)[0].kid
+    assert env.access.reconcile(ACCOUNT) == []
+    iam.delete_policy(PolicyArn=foreign)
+    env.access.revoke("kim", ACCOUNT)
+
+
+def test_reconcile_of_an_unregistered_account_cleans_its_keys_and_issuers_without_aws(
+    env: LocalEnvironment, recorder: CallRecorder, operations_calls: CallRecorder
+) -> None:
+    gone = "999988887777"  # its stack was deleted while the Delete never reached us
+    key = env.store.generate(KeySpec.EC_P256, Binding("lena", gone))
+    env.access.publisher.publish(f"{gone}/lena", {"jwks.json": b'{"keys": []}\n'})
+    env.access.publisher.publish(f"{gone}/mo", {"jwks.json": b'{"keys": []}\n'})
+    assert gone in env.access.orphaned_accounts()
+    assert ACCOUNT not in env.access.orphaned_accounts()
+
+    actions = env.access.reconcile(gone)
+    assert sorted((a.account, a.action, a.target, a.detail) for a in actions) == [
+        (gone, "destroyed key", key.kid, "account not registered"),
+        (gone, "unpublished issuer", f"https://idp.hsm-keys.test/{gone}/lena", "account not registered"),
+        (gone, "unpublished issuer", f"https://idp.hsm-keys.test/{gone}/mo", "account not registered"),
+    ]
+    assert recorder.calls == [] and operations_calls.calls == []  # nothing in AWS was touched
+    assert env.store.find(Binding("lena", gone)) is None
+    assert not [p for p in env.access.publisher.published() if p.startswith(gone)]
+    assert gone not in env.access.orphaned_accounts()
+    assert env.access.reconcile(gone) == []
+    with pytest.raises(InvalidBindingError):
+        env.access.reconcile("12345")

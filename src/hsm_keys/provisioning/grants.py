@@ -33,7 +33,7 @@ from botocore import UNSIGNED
 
 from hsm_keys import oidc
 from hsm_keys.audit import AuditLog, NullAuditLog, digest
-from hsm_keys.encoding.iam import merge_thumbprints, oidc_thumbprint
+from hsm_keys.encoding.iam import MAX_THUMBPRINTS, normalize_thumbprint, oidc_thumbprint
 from hsm_keys.encoding.jwk import jwk_thumbprint, jwk_to_public_key
 from hsm_keys.errors import (
     AccessDeniedError,
@@ -212,6 +212,8 @@ class Grant:
     provider_arn: str
     staff_policy_arn: str
     thumbprints: tuple[str, ...] = ()
+    #: What this grant changed beyond ticket and expiry that an operator should know (e.g. thumbprints).
+    notes: tuple[str, ...] = ()
 
     @property
     def role_name(self) -> str:
@@ -230,6 +232,7 @@ class Grant:
             "provider_arn": self.provider_arn,
             "staff_policy_arn": self.staff_policy_arn,
             "thumbprints": list(self.thumbprints),
+            "notes": list(self.notes),
         }
 
 
@@ -393,6 +396,17 @@ def owned_grant(role: Mapping[str, Any] | None) -> GrantRecord | None:
     return record
 
 
+def rotated_thumbprints(current: Iterable[str], served: str) -> list[str]:
+    """``served`` first, then the others newest first (as this library writes them), at most five."""
+    first = normalize_thumbprint(served)
+    others: list[str] = []
+    for value in current:
+        thumbprint = str(value).lower()
+        if thumbprint != first and thumbprint not in others:
+            others.append(thumbprint)
+    return [first, *others][:MAX_THUMBPRINTS]
+
+
 def _keys_by_binding(keys: Iterable[KeyInfo], account: str) -> dict[tuple[str, str], list[KeyInfo]]:
     """The account's keys grouped by binding identity, oldest first."""
     groups: dict[tuple[str, str], list[KeyInfo]] = {}
@@ -550,9 +564,10 @@ class SupportAccess:
 
         self._check_staff_policy_owned(iam, binding, partition)  # before anything is written
         created = _Created()
+        notes: list[str] = []
         try:
             key, role, provider_arn, policy_arn = self._apply_grant(
-                iam, binding, key, role, record, algorithm, ticket, expires_at, partition, created
+                iam, binding, key, role, record, algorithm, ticket, expires_at, partition, created, notes
             )
         except BaseException:
             # Undo what this call made, leave no usable access of its own making. The original error
@@ -573,6 +588,7 @@ class SupportAccess:
             provider_arn=provider_arn,
             staff_policy_arn=policy_arn,
             thumbprints=tuple(provider.get("ThumbprintList", ())),
+            notes=tuple(notes),
         )
         self.audit.record(
             "access.grant",
@@ -597,10 +613,12 @@ class SupportAccess:
         expires_at: dt.datetime,
         partition: str,
         created: _Created,
+        notes: list[str],
     ) -> tuple[KeyInfo, dict[str, Any], str, str]:
         """Every write of a grant, in dependency order: key, issuer, provider, role, policies.
 
-        Whatever it creates is noted in ``created`` the moment it exists, for the rollback.
+        Whatever it creates is noted in ``created`` the moment it exists, for the rollback; changes
+        worth reporting beyond ticket and expiry go to ``notes``.
         """
         account = binding.account
         if key is None:
@@ -626,7 +644,7 @@ class SupportAccess:
         self._publish(binding, key, algorithm)
         created.published = created.key is not None
         thumbprint = self._served_thumbprint()
-        provider_arn, provider_fresh = self._ensure_provider(iam, binding, thumbprint)
+        provider_arn, provider_fresh = self._ensure_provider(iam, binding, thumbprint, notes)
         if provider_fresh:
             created.provider_arn = provider_arn
 
@@ -771,7 +789,16 @@ class SupportAccess:
                 return None
             raise
 
-    def _ensure_provider(self, iam: Any, binding: Binding, thumbprint: str) -> tuple[str, bool]:
+    def _ensure_provider(
+        self, iam: Any, binding: Binding, thumbprint: str, notes: list[str]
+    ) -> tuple[str, bool]:
+        """Create the pair's provider, or make the existing one (ours: its URL) trust the served chain.
+
+        A provider whose thumbprints miss the one served now gets it *first*, followed by the most
+        recent of the others (this library writes newest first) up to IAM's five; what is dropped is
+        reported in ``notes`` and the audit log. Without this, a provider already holding five stale
+        thumbprints would block every repeat grant.
+        """
         arn = self._provider_arn(binding)
         provider = self._find_provider(iam, arn)
         if provider is not None and self.scheme.audience not in provider.get("ClientIDList", []):
@@ -787,15 +814,23 @@ class SupportAccess:
                 ThumbprintList=[thumbprint],
             )
             return str(created["OpenIDConnectProviderArn"]), True
-        current = list(provider.get("ThumbprintList", []))
-        if thumbprint.lower() not in {t.lower() for t in current}:
-            merged = merge_thumbprints(current, thumbprint)
+        current = [str(t).lower() for t in provider.get("ThumbprintList", [])]
+        served = normalize_thumbprint(thumbprint)
+        if served not in current:
+            wanted = rotated_thumbprints(current, served)
             self._call(
                 iam,
                 "UpdateOpenIDConnectProviderThumbprint",
                 OpenIDConnectProviderArn=arn,
-                ThumbprintList=merged,
+                ThumbprintList=wanted,
             )
+            dropped = [t for t in current if t not in wanted]
+            notes.append(
+                f"provider thumbprints updated: served {served} added first"
+                + (f"; dropped {', '.join(dropped)}" if dropped else "")
+            )
+            self.audit.record("provider.thumbprints", provider=arn, added=served, dropped=", ".join(dropped))
+            logger.info("%s: %s", arn, notes[-1])
         return arn, False
 
     def _ensure_staff_policy(self, iam: Any, binding: Binding, partition: str) -> tuple[str, bool]:
@@ -968,16 +1003,17 @@ class SupportAccess:
         """When the management role is gone: destroy the account's keys and unpublish its issuers."""
         return AccountRevocation(account, tuple(self._purge_offline(account)))
 
-    def _purge_offline(self, account: str) -> list[Action]:
+    def _purge_offline(self, account: str, reason: str = "") -> list[Action]:
+        """Destroy the account's keys and unpublish its issuers, without AWS; report each action."""
         actions: list[Action] = []
         for group in _keys_by_binding(self.store.list_keys(), account).values():
             actions += self._destroy_keys_and_issuer(group[0].binding, group)
-        for path in self.publisher.published():
-            parts = path.strip("/").split("/")
-            if len(parts) >= 2 and parts[-2] == account:
-                checkpoint(f"unpublishing {path}")
-                self.publisher.unpublish(path)
-                actions.append(Action(account, path, "unpublished issuer"))
+        for (_, staff), path in self._published_issuers(account).items():
+            checkpoint(f"unpublishing {path}")
+            self.publisher.unpublish(path)
+            actions.append(Action(account, self.scheme.issuer(Binding(staff, account)), "unpublished issuer"))
+        if reason:
+            actions = [Action(a.account, a.target, a.action, a.detail or reason, a.ok) for a in actions]
         return actions
 
     def revoke_account(self, account: str) -> AccountRevocation:
@@ -1060,9 +1096,20 @@ class SupportAccess:
     def reconcile(self, account: str) -> list[Action]:
         """Compare the HSM, the registry and IAM for what we own; repair drift; report each action.
 
+        For a registered account: grants missing a part (provider, a thumbprint of the chain served
+        now, a policy attachment, issuer documents) are completed; grants whose key is gone or whose
+        expiry passed are removed; keys without a role, and providers, staff policies and published
+        issuer documents without key and role, are removed. For an account that is not registered
+        (its stack was deleted, or never onboarded) nothing in AWS can be reached: its keys are
+        destroyed and its issuers unpublished, each reported.
+
         Each item is repaired on its own: one that cannot be (a conflict only the customer can clear)
-        is reported as a failed action and the others still get done.
+        is reported as a failed action and the others still get done. Removals of leftovers happen
+        under the pair's lock, after checking again that no grant of the pair appeared meanwhile.
         """
+        Binding("reconcile", account)  # a malformed account id is bad input, not an empty account
+        if self.registry.get(account) is None:
+            return self._purge_offline(account, "account not registered")
         iam = self._iam(account)
         partition = self._partition(account)
         actions: list[Action] = []
@@ -1075,6 +1122,7 @@ class SupportAccess:
             named = self.scheme.binding_of_provider_arn(entry["Arn"], account, partition)
             if named is not None:
                 providers[named] = entry["Arn"]
+        served = functools.cache(self._served_thumbprint)  # fetched once, and only if a grant needs it
 
         def attempt(target: str, repair: Callable[[], list[Action]]) -> None:
             try:
@@ -1088,7 +1136,7 @@ class SupportAccess:
             attempt(
                 binding.role_name,
                 functools.partial(
-                    self._reconcile_grant, iam, binding, role, record, group, partition, providers
+                    self._reconcile_grant, iam, binding, role, record, group, partition, providers, served
                 ),
             )
 
@@ -1097,28 +1145,128 @@ class SupportAccess:
                 binding = group[0].binding
 
                 def remove_half_made(b: Binding = binding, g: list[KeyInfo] = group) -> list[Action]:
-                    done: list[Action] = []
-                    arn = providers.get(b.key)
-                    if arn is not None and self._gone_ok(
-                        iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn
-                    ):
-                        done.append(Action(account, arn, "deleted provider", "half-made grant (no role)"))
-                    done += self._delete_staff_policy(iam, self._staff_policy_arn(b, partition))
-                    done += self._destroy_keys_and_issuer(b, g)
-                    done.append(Action(account, g[0].kid, "removed half-made grant", "key without role"))
-                    return done
+                    with serialised(b):
+                        if owned_grant(self._get_role(iam, b.role_name)) is not None:
+                            return []  # a grant completed meanwhile
+                        done: list[Action] = []
+                        arn = providers.get(b.key)
+                        if arn is not None and self._gone_ok(
+                            iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn
+                        ):
+                            done.append(Action(account, arn, "deleted provider", "half-made grant (no role)"))
+                        done += self._delete_staff_policy(iam, self._staff_policy_arn(b, partition))
+                        done += self._destroy_keys_and_issuer(b, g)
+                        done.append(Action(account, g[0].kid, "removed half-made grant", "key without role"))
+                        return done
 
                 attempt(group[0].kid, remove_half_made)
 
-        for identity, arn in providers.items():
-            if identity not in roles and identity not in keys:
+        def leftover(identity: tuple[str, str]) -> Binding | None:
+            """The pair, if it has neither role nor key -- checked again now, under its lock."""
+            binding = Binding(identity[1], account)
+            if identity in roles or identity in keys or self.store.find(binding) is not None:
+                return None
+            return binding
 
-                def remove_provider(a: str = arn) -> list[Action]:
+        for identity, arn in providers.items():
+
+            def remove_provider(i: tuple[str, str] = identity, a: str = arn) -> list[Action]:
+                binding = leftover(i)
+                if binding is None:
+                    return []
+                with serialised(binding):
+                    if self.store.find(binding) is not None or self._get_role(iam, binding.role_name):
+                        return []
                     self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=a)
                     return [Action(account, a, "deleted provider", "no key and no role")]
 
+            if leftover(identity) is not None:
                 attempt(arn, remove_provider)
+
+        for identity, arn in self._staff_policies(iam, account, partition).items():
+
+            def remove_policy(i: tuple[str, str] = identity, a: str = arn) -> list[Action]:
+                binding = leftover(i)
+                if binding is None:
+                    return []
+                with serialised(binding):
+                    if self.store.find(binding) is not None or self._get_role(iam, binding.role_name):
+                        return []
+                    done = self._delete_staff_policy(iam, a)
+                    return [
+                        Action(account, x.target, x.action, "no key and no role" if x.ok else x.detail, x.ok)
+                        for x in done
+                        if x.action != "left alone"
+                    ]
+
+            if leftover(identity) is not None:
+                attempt(arn, remove_policy)
+
+        for identity, path in self._published_issuers(account).items():
+
+            def remove_documents(i: tuple[str, str] = identity, p: str = path) -> list[Action]:
+                binding = Binding(i[1], account)
+                with serialised(binding):
+                    if self.store.find(binding) is not None or p not in self.publisher.published():
+                        return []
+                    checkpoint(f"unpublishing {p}")
+                    self.publisher.unpublish(p)
+                    return [Action(account, self.scheme.issuer(binding), "unpublished issuer", "no key")]
+
+            if identity not in keys:
+                attempt(path, remove_documents)
         return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
+
+    def _staff_policies(self, iam: Any, account: str, partition: str) -> dict[tuple[str, str], str]:
+        """``DoiT-Support-<staff>`` customer-managed policies at ``/`` by pair identity (not yet
+        checked for ownership: :meth:`_delete_staff_policy` does that)."""
+        found: dict[tuple[str, str], str] = {}
+        marker: str | None = None
+        while True:
+            page = self._call(
+                iam, "ListPolicies", Scope="Local", PathPrefix="/", **({"Marker": marker} if marker else {})
+            )
+            for policy in page.get("Policies", []):
+                name = str(policy.get("PolicyName", ""))
+                if _staff_of_role(name) is None:
+                    continue
+                binding = Binding(name.removeprefix(ROLE_PREFIX), account)
+                arn = self._staff_policy_arn(binding, partition)
+                if policy.get("Arn") == arn:  # ours are created at "/"
+                    found[binding.key] = arn
+            if not page.get("IsTruncated"):
+                return found
+            marker = page.get("Marker")
+
+    def _issuer_identity(self, path: str) -> tuple[str, str] | None:
+        """(account, lower-case staff) of a published issuer path under our base, else None."""
+        parts = path.strip("/").split("/")
+        base = [p for p in self.scheme.base_path.split("/") if p]
+        if parts[: len(base)] != base:
+            return None
+        rest = parts[len(base) :]
+        if (
+            len(rest) != 2
+            or not re.fullmatch(r"[0-9]{12}", rest[0])
+            or _staff_of_role(ROLE_PREFIX + rest[1]) is None
+        ):
+            return None
+        return rest[0], rest[1].lower()
+
+    def _published_issuers(self, account: str) -> dict[tuple[str, str], str]:
+        """The account's published issuer paths, by pair identity."""
+        found = {}
+        for path in self.publisher.published():
+            identity = self._issuer_identity(path)
+            if identity is not None and identity[0] == account:
+                found[identity] = path
+        return found
+
+    def orphaned_accounts(self) -> list[str]:
+        """Accounts with keys or published issuers but no registration: ``reconcile`` each to clean."""
+        accounts = {key.binding.account for key in self.store.list_keys()}
+        accounts |= {i[0] for i in (self._issuer_identity(p) for p in self.publisher.published()) if i}
+        return sorted(a for a in accounts if self.registry.get(a) is None)
 
     def _reconcile_grant(
         self,
@@ -1129,6 +1277,7 @@ class SupportAccess:
         keys: list[KeyInfo],
         partition: str,
         providers: Mapping[Any, str],
+        served: Callable[[], str],
     ) -> list[Action]:
         actions: list[Action] = []
         trusted = [k for k in keys if k.kid == record.kid]
@@ -1145,7 +1294,7 @@ class SupportAccess:
             actions.append(
                 Action(binding.account, key.kid, "destroyed duplicate key", f"grant uses {record.kid}")
             )
-        missing = self._missing_parts(iam, binding, role, partition, providers)
+        missing = self._missing_parts(iam, binding, role, partition, providers, served)
         if missing:
             ttl = max(record.expires_at - self.clock(), MIN_TTL)
             self.grant(binding.staff, binding.account, ticket=record.ticket, ttl=ttl, alg=record.alg)
@@ -1159,10 +1308,18 @@ class SupportAccess:
         role: Mapping[str, Any],
         partition: str,
         providers: Mapping[Any, str],
+        served: Callable[[], str],
     ) -> list[str]:
         missing = []
         if binding.key not in providers:
             missing.append("provider")
+        else:
+            provider = self._find_provider(iam, providers[binding.key])
+            listed = {str(t).lower() for t in (provider or {}).get("ThumbprintList", [])}
+            if provider is None:
+                missing.append("provider")
+            elif normalize_thumbprint(served()) not in listed:
+                missing.append("thumbprint of the served chain")
         attached = {
             p["PolicyArn"]
             for p in self._call(iam, "ListAttachedRolePolicies", RoleName=binding.role_name)[
