@@ -254,6 +254,7 @@ def test_one_key_per_staff_and_account(env: LocalEnvironment) -> None:
 )
 def test_bad_input_is_rejected_before_any_aws_call(
     env: LocalEnvironment,
+    operations_calls: CallRecorder,
     recorder: CallRecorder,
     staff: str,
     account: str,
@@ -263,8 +264,17 @@ def test_bad_input_is_rejected_before_any_aws_call(
     arguments = {"ticket": "T-9", "ttl": dt.timedelta(hours=1)} | options
     with pytest.raises(error):
         env.access.grant(staff, account, **arguments)
+    assert operations_calls.calls == []  # not even AssumeRole of the management role
     assert recorder.calls == []
     assert env.store.find(Binding("dave", ACCOUNT)) is None
+
+
+def test_the_operations_recorder_sees_assume_role(
+    env: LocalEnvironment, operations_calls: CallRecorder
+) -> None:
+    """What makes the checks above meaningful: a valid request's first AWS call is recorded."""
+    env.access.list_grants(ACCOUNT)
+    assert [(c.service, c.operation) for c in operations_calls.calls] == [("sts", "AssumeRole")]
 
 
 @pytest.mark.parametrize(
@@ -802,3 +812,36 @@ def test_reconcile_of_an_unregistered_account_cleans_its_keys_and_issuers_withou
     assert env.access.reconcile(gone) == []
     with pytest.raises(InvalidBindingError):
         env.access.reconcile("12345")
+
+
+def test_stack_delete_revokes_every_live_grant_through_onboarding(
+    env: LocalEnvironment, recorder: CallRecorder
+) -> None:
+    """The customer deletes the stack: the real handler and SupportAccess remove everything while the
+    management role still exists and answer SUCCESS; every IAM call is evaluated (``recorder``)."""
+    account = "313131313131"
+    assert env.onboard(account)["Status"] == "SUCCESS"
+    grants = [
+        env.access.grant("nia", account, ticket="T-1", ttl=dt.timedelta(hours=1)),
+        env.access.grant("omar", account, ticket="T-2", ttl=dt.timedelta(hours=2), alg="RS256"),
+    ]
+    env.store.generate(KeySpec.EC_P256, Binding("pia", account))  # and a half-made grant's key
+    assert all(env.access.verify(g.staff, account).ok for g in grants)
+    start = len(recorder.calls)  # (the recorder keeps every call: all are evaluated at teardown)
+
+    response = env.send_hook("Delete", account)
+    assert response["Status"] == "SUCCESS", response["Reason"]
+    assert response["PhysicalResourceId"] == env.customers[account].physical_resource_id
+    assert env.registry.get(account) is None
+    assert doit_roles(env, account) == []
+    assert providers(env, account) == []
+    assert doit_policies(env, account) == []
+    assert not [k for k in env.store.list_keys() if k.binding.account == account]
+    assert not [p for p in env.access.publisher.published() if f"/{account}/" in f"/{p}/"]
+    operations = [call.operation for call in recorder.calls[start:]]
+    assert operations.count("DeleteRole") == 2 and operations.count("DeleteOpenIDConnectProvider") == 2
+    assert operations.count("DeletePolicy") == 2
+    # a repeated Delete (CloudFormation retries) answers SUCCESS and touches nothing
+    start = len(recorder.calls)
+    assert env.send_hook("Delete", account)["Status"] == "SUCCESS"
+    assert recorder.calls[start:] == []
