@@ -691,7 +691,7 @@ def test_an_account_in_another_partition_is_granted_with_its_own_arns(
 ) -> None:
     """aws-cn: every ARN (scope check, provider, SecurityAudit, staff policy) is in the account's
     partition, taken from its registered management role ARN."""
-    account, region = "210987654321", "cn-north-1"
+    account, region = "486248624862", "cn-north-1"
     operations = boto3.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region
     )
