@@ -49,7 +49,7 @@ from hsm_keys.errors import (
 )
 from hsm_keys.keystore.base import KeyStore
 from hsm_keys.provisioning.aws import AwsEnvironment, error_code, translate
-from hsm_keys.provisioning.cancellation import checkpoint
+from hsm_keys.provisioning.cancellation import WorkCancelledError, checkpoint
 from hsm_keys.provisioning.issuer import (
     HttpsOptions,
     IssuerPublisher,
@@ -1079,6 +1079,8 @@ class SupportAccess:
             account = registration.account_id
             try:
                 grants = self.list_grants(account)
+            except WorkCancelledError:
+                raise
             except HsmKeysError as exc:
                 actions.append(Action(account, registration.role_arn, "skipped account", str(exc), ok=False))
                 continue
@@ -1087,6 +1089,8 @@ class SupportAccess:
                     continue
                 try:
                     actions += self.revoke(grant.staff, account)
+                except WorkCancelledError:
+                    raise
                 except HsmKeysError as exc:
                     actions.append(Action(account, grant.role_name, "could not expire", str(exc), ok=False))
                     continue
@@ -1127,6 +1131,8 @@ class SupportAccess:
         def attempt(target: str, repair: Callable[[], list[Action]]) -> None:
             try:
                 actions.extend(repair())
+            except WorkCancelledError:
+                raise  # not a failed repair: nothing more may be done at all
             except HsmKeysError as exc:
                 actions.append(Action(account, target, "could not repair", str(exc), ok=False))
 
