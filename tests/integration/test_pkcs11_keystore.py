@@ -11,17 +11,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import AttributeReadOnly, AttributeSensitive, PKCS11Error
 
 from hsm_keys.encoding.jwk import jwk_thumbprint, jwk_thumbprint_bytes
-from hsm_keys.errors import ConfigurationError, HsmKeysError, LoginError, TokenNotFoundError
+from hsm_keys.errors import (
+    ConfigurationError,
+    HsmKeysError,
+    InvalidInputError,
+    KeyNotFoundError,
+    LoginError,
+    TokenNotFoundError,
+    UnsupportedAlgorithmError,
+)
 from hsm_keys.keystore import _cryptoki
 from hsm_keys.keystore.base import make_label
 from hsm_keys.keystore.pkcs11 import Pin, Pkcs11KeyStore, Pkcs11Uri
-from hsm_keys.types import Binding, KeySpec
+from hsm_keys.types import Binding, KeySpec, SignatureAlgorithm
 
 pytestmark = pytest.mark.softhsm
 ACCOUNT = "210987654321"
@@ -423,3 +432,45 @@ def test_concurrent_writers_never_leave_two_keys_for_one_binding(
     assert result.returncode == 0, result.stderr[-3000:]
     winners = [int(x) for x in result.stdout.split()]
     assert len(winners) == 8 and all(w <= 1 for w in winners)
+
+
+def test_the_sign_fast_path_keeps_every_check(
+    softhsm_store: Pkcs11KeyStore, pkcs11_env: dict[str, str]
+) -> None:
+    # After one checked signature a (kid, alg) pair skips the checks: everything they would catch
+    # must still be caught, by the fast path itself or by falling back to the checked one.
+    info = softhsm_store.generate(KeySpec.EC_P256, Binding("fast-path", ACCOUNT))
+    for alg in ("ES256", SignatureAlgorithm.ES256, "es256"):
+        for _ in range(2):
+            signature = softhsm_store.sign(info.kid, b"m", alg)
+            info.public_key.verify(
+                encode_dss_signature(
+                    int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+                ),
+                b"m",
+                ec.ECDSA(hashes.SHA256()),
+            )
+    assert softhsm_store.sign(info.kid, bytearray(b"m"), "ES256")  # other bytes-likes still work
+    with pytest.raises(InvalidInputError):
+        softhsm_store.sign(info.kid, "text", "ES256")  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedAlgorithmError):
+        softhsm_store.sign(info.kid, b"m", "ES384")
+    # Destroyed by another store: the cached handle fails and the key is reported gone.
+    with Pkcs11KeyStore() as other:
+        other.destroy(info.kid)
+    with pytest.raises(KeyNotFoundError):
+        softhsm_store.sign(info.kid, b"m", "ES256")
+    with pytest.raises(KeyNotFoundError):
+        softhsm_store.sign(info.kid, b"m", "ES256")
+    # Destroyed by this store, and a closed store.
+    again = softhsm_store.generate(KeySpec.EC_P256, Binding("fast-path-2", ACCOUNT))
+    softhsm_store.sign(again.kid, b"m", "ES256")
+    softhsm_store.destroy(again.kid)
+    with pytest.raises(KeyNotFoundError):
+        softhsm_store.sign(again.kid, b"m", "ES256")
+    third = softhsm_store.generate(KeySpec.EC_P256, Binding("fast-path-3", ACCOUNT))
+    store = Pkcs11KeyStore()
+    store.sign(third.kid, b"m", "ES256")
+    store.close()
+    with pytest.raises(HsmKeysError):
+        store.sign(third.kid, b"m", "ES256")

@@ -10,6 +10,7 @@ PKCS#11 errors are translated into the ``hsm_keys.errors`` tree in exactly one p
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -52,7 +53,7 @@ from hsm_keys.errors import (
     TokenNotFoundError,
 )
 from hsm_keys.keystore import _cryptoki
-from hsm_keys.keystore.base import LABEL_PREFIX, KeyStore, parse_label
+from hsm_keys.keystore.base import LABEL_PREFIX, KeyStore, _parse_algorithm, parse_label
 from hsm_keys.keystore.pool import PooledSession, SessionPool
 from hsm_keys.keystore.workers import ProcessSigner, WorkerConfig
 from hsm_keys.types import Binding, KeyInfo, KeySpec, KeyType, PublicKey, SignatureAlgorithm
@@ -545,6 +546,10 @@ _PENDING_CLAIM = dt.timedelta(minutes=5)
 
 _LIVE_STORES: weakref.WeakSet[Pkcs11KeyStore] = weakref.WeakSet()
 
+# Forks this process descends from (counted by the at-fork hook): the signing hot path compares it
+# instead of calling os.getpid(), a system call per signature. Other paths still check the pid.
+_forks_seen = [0]
+
 
 def _after_fork_in_child() -> None:
     """Make every store in a forked child safe to use: fresh locks, no inherited sessions or workers.
@@ -552,6 +557,7 @@ def _after_fork_in_child() -> None:
     A lock held by a parent thread at the moment of the fork stays held for ever in the child, so
     nothing here waits on one. The module itself is re-initialised lazily (``_ensure_process``).
     """
+    _forks_seen[0] += 1
     for store in list(_LIVE_STORES):
         store._reset_after_fork()
 
@@ -637,6 +643,8 @@ class Pkcs11KeyStore(KeyStore):
         self._state_lock = threading.RLock()
         self._handles: dict[str, _Handle] = {}
         self._mechanisms: dict[SignatureAlgorithm, MechanismChoice] = {}
+        # (kid, alg as given) -> what a checked ``sign`` learnt: the hot path skips the checks.
+        self._signers: dict[tuple[str, Any], tuple[SignatureAlgorithm, MechanismChoice]] = {}
         self._transforms: dict[SignatureAlgorithm, Callable[[bytes], bytes]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._processes: ProcessSigner | None = None
@@ -669,6 +677,8 @@ class Pkcs11KeyStore(KeyStore):
         if max_sessions is not None:
             size = min(size, max_sessions)
         self._pid = os.getpid()
+        self._forks = _forks_seen[0]
+        self._signers.clear()
         self._handles.clear()  # object handles belong to the previous process's module state
         self._pool: SessionPool[Any] = SessionPool(
             self._open_session,
@@ -1102,6 +1112,22 @@ class Pkcs11KeyStore(KeyStore):
                 self._pool.release(pooled, broken=broken)
         return outcomes
 
+    def sign(self, kid: str, message: bytes, alg: SignatureAlgorithm | str, *, verify: bool = False) -> bytes:
+        """``KeyStore.sign``; once a (kid, alg) pair has passed its checks, later calls go straight
+        to the session (the checks' outcome cannot change until the key is forgotten)."""
+        signer = self._signers.get((kid, alg)) if not verify else None
+        if signer is None or self._closed or self._forks != _forks_seen[0] or type(message) is not bytes:
+            signature = super().sign(kid, message, alg, verify=verify)
+            if not verify and isinstance(kid, str):
+                algorithm = _parse_algorithm(alg)
+                with contextlib.suppress(TypeError):  # an unhashable alg simply is not remembered
+                    self._signers[(kid, alg)] = (algorithm, self._mechanisms[algorithm])
+            return signature
+        outcome = self._sign_one(kid, message, signer[0], signer[1])
+        if isinstance(outcome, HsmKeysError):
+            raise outcome
+        return outcome
+
     def _sign_batch(
         self, info: KeyInfo, messages: Sequence[bytes], alg: SignatureAlgorithm, workers: int | None
     ) -> list[bytes | HsmKeysError]:
@@ -1109,7 +1135,7 @@ class Pkcs11KeyStore(KeyStore):
             self._ensure_process()
         total = len(messages)
         if total == 1:  # ``sign``: stay on the calling thread, no executor, no workers
-            return [self._sign_one(info.kid, messages[0], alg)]
+            return [self._sign_one(info.kid, messages[0], alg, self._mechanism_for(alg))]
         self._mechanism_for(alg)  # a token without the mechanism fails the whole batch up front
         wanted = workers or self.default_workers or max(self._pool.max_size, self.max_processes)
         if self._use_processes(total, wanted):
@@ -1120,10 +1146,11 @@ class Pkcs11KeyStore(KeyStore):
             return _in_order(total, self._sign_items(info.kid, messages, alg, range(total)))
         return self._sign_threads(info.kid, messages, alg, count)
 
-    def _sign_one(self, kid: str, message: bytes, alg: SignatureAlgorithm) -> bytes | HsmKeysError:
+    def _sign_one(
+        self, kid: str, message: bytes, alg: SignatureAlgorithm, choice: MechanismChoice
+    ) -> bytes | HsmKeysError:
         """The first attempt of ``_sign_items`` for one item, without its bookkeeping (the hot path
         of token minting); any failure continues there as its attempt 1, with the same budget."""
-        choice = self._mechanisms.get(alg) or self._mechanism_for(alg)
         try:
             pooled = self._pool.acquire()
         except HsmKeysError:
@@ -1243,6 +1270,8 @@ class Pkcs11KeyStore(KeyStore):
     def _forget(self, kid: str) -> None:
         with self._state_lock:
             self._handles.pop(kid, None)
+            for pair in [pair for pair in self._signers if pair[0] == kid]:
+                self._signers.pop(pair, None)
         self._pool.forget_key(kid)
 
     def _close(self) -> None:

@@ -74,6 +74,7 @@ class SessionPool(Generic[S]):
         self._discarded_total = 0
         self._high_water = 0
         self._next_open_at = 0.0
+        self._waiting = 0  # borrowers blocked in acquire()
         self._closed = False
 
     def acquire(self, timeout: float | None = None) -> PooledSession[S]:
@@ -103,7 +104,11 @@ class SessionPool(Generic[S]):
                         f"no PKCS#11 session became free within {self.wait_timeout:g} s "
                         f"(pool size {self.max_size}, all in use)"
                     )
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
         # Open outside the lock: opening (and pacing) must not block borrowers of idle sessions.
         try:
             delay = wait_until - self._clock()
@@ -128,7 +133,8 @@ class SessionPool(Generic[S]):
             else:
                 self._open -= 1
                 self._discarded_total += int(broken)
-            self._cond.notify()
+            if self._waiting:  # Condition.notify costs a deque even with nobody to wake
+                self._cond.notify()
         if not keep:
             self._close_quietly(pooled)
 
