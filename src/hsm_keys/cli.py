@@ -390,12 +390,7 @@ def emit_actions(args: argparse.Namespace, actions: Sequence[Any]) -> None:
 
 def check_status(check: Any) -> str:
     """PASS, FAIL, or SKIP for a check ``verify`` did not run because one it needs failed."""
-    if check.ok:
-        return "PASS"
-    skipped = getattr(check, "skipped", None)
-    if skipped is None:  # verify() marks a check it did not run with this detail
-        skipped = str(check.detail).startswith("not checked:")
-    return "SKIP" if skipped else "FAIL"
+    return str(check.status)
 
 
 def report_json(report: Any) -> dict[str, Any]:
@@ -775,11 +770,13 @@ def cmd_grant(args: argparse.Namespace) -> int:
     store, access = provisioning(args, checks)
     with store:
         grant = access.grant(args.staff, args.account, ticket=args.ticket, ttl=ttl[0], alg=args.alg)
-    emit(
-        args,
-        grant.to_json(),
-        lambda out: table([[k, v] for k, v in grant.to_json().items()], ["FIELD", "VALUE"], out),
-    )
+
+    def human(out: TextIO) -> None:
+        table([[k, v] for k, v in grant.to_json().items() if k != "notes"], ["FIELD", "VALUE"], out)
+        for note in grant.notes:
+            print(f"note: {note}", file=out)
+
+    emit(args, grant.to_json(), human)
     return EXIT_OK
 
 
@@ -814,9 +811,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     store, access = provisioning(args, checks)
     with store:
-        accounts = args.account or [r.account_id for r in access.registry.accounts()]
-        for account in args.account:
-            access.registry.require(account)  # an unregistered account is "not found" before any repair
+        accounts = list(args.account) or [r.account_id for r in access.registry.accounts()]
+        if args.orphans and not args.account:
+            accounts += access.orphaned_accounts()
+        if not args.orphans:
+            for account in args.account:
+                # Unregistered: "not found" before any repair. Cleaning it destroys keys, which a
+                # mistyped account id must not do unasked.
+                access.registry.require(account)
         actions = []
         for index, account in enumerate(accounts, 1):
             actions += access.reconcile(account)
@@ -1079,6 +1081,12 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = add(commands, "reconcile", "repair drift between the HSM and IAM", provisioning_parents)
     reconcile.add_argument(
         "account", nargs="*", metavar="ACCOUNT", help="accounts (default: every registered account)"
+    )
+    reconcile.add_argument(
+        "--orphans",
+        action="store_true",
+        help="also clean accounts that are not registered (stack deleted): destroy their keys and "
+        "unpublish their issuers; no AWS call is made for them",
     )
     reconcile.set_defaults(func=cmd_reconcile)
 

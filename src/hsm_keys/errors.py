@@ -19,11 +19,14 @@ so the original error stays on ``__cause__`` for debugging while callers catch o
     │   ├── MechanismNotSupportedError          the token does not offer what the algorithm needs
     │   ├── SessionError                        a session went bad (transient: retried by the pool)
     │   └── PoolTimeoutError                    no session became free in time
+    ├── WorkCancelledError                      work whose answer was already given stopped before a write
     ├── SigningError                            a batch had failures; ``results`` holds each item's outcome
     ├── CertificateError                        a certificate could not be built or parsed
     ├── TlsError                                a TLS endpoint could not be reached or read
     └── AwsError                                an AWS call failed (``operation``, ``code`` attached)
         ├── AccessDeniedError                   AWS (or our local scope check) refused the call
+        │   └── ManagementRoleDeniedError       AssumeRole into a management role refused (also an
+        │                                       OnboardingError)
         ├── ThrottledError                      AWS kept throttling past the retry budget
         ├── NotOwnedError                       an IAM entity exists that this library did not create
         ├── OnboardingError                     an account is not registered / cannot be assumed
@@ -143,6 +146,19 @@ class StsExchangeError(AwsError):
     """STS refused to exchange the web-identity token."""
 
 
+class ManagementRoleDeniedError(AccessDeniedError, OnboardingError):
+    """STS refused ``AssumeRole`` into a customer's management role (AccessDenied).
+
+    The role is gone, or no longer trusts the operations account. It is an :class:`AccessDeniedError`
+    (what the CLI reports as access denied) and still an :class:`OnboardingError`, which callers of
+    the management role have always caught.
+    """
+
+
+class WorkCancelledError(HsmKeysError):
+    """The work was cancelled (its answer was already given); this write was not made."""
+
+
 __all__ = [
     "AccessDeniedError",
     "AwsError",
@@ -157,6 +173,7 @@ __all__ = [
     "KeyNotFoundError",
     "KeyStoreError",
     "LoginError",
+    "ManagementRoleDeniedError",
     "MechanismNotSupportedError",
     "NotOwnedError",
     "OnboardingError",
@@ -168,4 +185,5 @@ __all__ = [
     "TlsError",
     "TokenNotFoundError",
     "UnsupportedAlgorithmError",
+    "WorkCancelledError",
 ]

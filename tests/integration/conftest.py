@@ -111,10 +111,10 @@ class DeployedStack:
     admin_credentials: Mapping[str, str] = field(repr=False)
 
     def hook_properties(self) -> dict[str, str]:
-        """The ``Custom::Hook`` properties CloudFormation would have sent for this stack."""
+        """The ``Custom::Hook`` properties CloudFormation would have sent for this stack (``Version``
+        is a resource attribute of the hook, so it is not among them)."""
         return {
             "ServiceToken": self.service_token,
-            "Version": templates.HOOK_VERSION,
             "RoleArn": self.role_arn,
             "AccountId": self.account_id,
         }

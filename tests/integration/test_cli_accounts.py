@@ -276,3 +276,35 @@ def test_demo_serve_lets_the_provisioning_commands_run_outside_the_demo(
         _, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert not Path(exports["HSM_KEYS_REGISTRY"]).parent.exists()  # its temporary files are gone
+
+
+@pytest.mark.softhsm
+def test_reconcile_cleans_an_unregistered_account_only_when_asked(
+    pkcs11_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    orphan = "585858585858"  # keys left behind for an account whose stack is gone
+    monkeypatch.setenv("HSM_KEYS_REGISTRY", str(tmp_path / "accounts.json"))
+    monkeypatch.setenv("HSM_KEYS_ISSUER_BASE", "https://idp.hsm-keys.test")
+    monkeypatch.setenv("HSM_KEYS_PUBLISH_DIR", str(tmp_path / "issuers"))
+    code, _, err = run(capsys, "accounts", "add", ACCOUNT, ROLE, "--stack-id", STACK, "--no-verify")
+    assert code == EXIT_OK, err
+    code, out, err = run(capsys, "keys", "generate", "--staff", "cli.orphan", "--account", orphan, "--json")
+    assert code == EXIT_OK, err
+    kid = json.loads(out)["kid"]
+    try:
+        code, _, err = run(capsys, "reconcile", orphan)
+        assert code == EXIT_NOT_FOUND and "not onboarded" in err
+        code, out, _ = run(capsys, "keys", "show", kid)
+        assert code == EXIT_OK  # a mistyped account destroys nothing unasked
+
+        # Named, so the registered account (whose AWS is not reachable here) is left alone.
+        code, out, err = run(capsys, "reconcile", orphan, "--orphans", "--json")
+        assert code == EXIT_OK, err
+        assert (orphan, "destroyed key") in {(a["account"], a["action"]) for a in json.loads(out)}
+        code, _, _ = run(capsys, "keys", "show", kid)
+        assert code == EXIT_NOT_FOUND
+    finally:
+        run(capsys, "keys", "destroy", kid, "--yes")

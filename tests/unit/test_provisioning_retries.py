@@ -359,7 +359,8 @@ def test_other_management_role_failures_stay_aws_errors() -> None:
 
 
 def test_cancelled_work_sends_no_aws_call() -> None:
-    from hsm_keys.provisioning.cancellation import Cancellation, WorkCancelledError, cancellable
+    from hsm_keys.errors import WorkCancelledError
+    from hsm_keys.provisioning.cancellation import Cancellation, cancellable
 
     iam = client("iam")
     token = Cancellation()
@@ -375,7 +376,8 @@ def test_cancelled_work_sends_no_aws_call() -> None:
 
 
 def test_cancelled_work_destroys_no_key_and_unpublishes_nothing(stubbed: Any) -> None:
-    from hsm_keys.provisioning.cancellation import Cancellation, WorkCancelledError, cancellable
+    from hsm_keys.errors import WorkCancelledError
+    from hsm_keys.provisioning.cancellation import Cancellation, cancellable
 
     access, _, _, store, _ = stubbed
     key = store.generate(KeySpec.EC_P256, Binding("alice", ACCOUNT))

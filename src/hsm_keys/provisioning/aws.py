@@ -21,10 +21,12 @@ from hsm_keys.errors import (
     AccessDeniedError,
     AwsError,
     HsmKeysError,
+    ManagementRoleDeniedError,
     OnboardingError,
     ThrottledError,
+    WorkCancelledError,
 )
-from hsm_keys.provisioning.cancellation import WorkCancelledError, checkpoint
+from hsm_keys.provisioning.cancellation import checkpoint
 from hsm_keys.provisioning.scope import ManagementScope
 
 if TYPE_CHECKING:
@@ -45,15 +47,6 @@ ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AccessDeniedException", "Unaut
 _ROLE_ARN_RE = re.compile(r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
 #: ``AssumedRoleUser.AssumedRoleId`` is ``<the role's unique id>:<session name>``.
 _ASSUMED_ROLE_ID_RE = re.compile(r"(?P<role_id>[A-Z0-9]{8,128}):[\w+=,.@-]{2,64}")
-
-
-class ManagementRoleDeniedError(AccessDeniedError, OnboardingError):
-    """STS refused ``AssumeRole`` into a customer's management role (AccessDenied).
-
-    The role is gone, or no longer trusts the operations account. It is an :class:`AccessDeniedError`
-    (what the CLI reports as access denied) and still an :class:`OnboardingError`, which callers of
-    the management role have always caught.
-    """
 
 
 def error_code(exc: BaseException) -> str:

@@ -17,11 +17,7 @@ import contextvars
 import threading
 from collections.abc import Iterator
 
-from hsm_keys.errors import HsmKeysError
-
-
-class WorkCancelledError(HsmKeysError):
-    """The work was cancelled (its answer was already given); this write was not made."""
+from hsm_keys.errors import WorkCancelledError
 
 
 class Cancellation:

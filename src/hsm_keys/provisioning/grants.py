@@ -46,10 +46,11 @@ from hsm_keys.errors import (
     OnboardingError,
     StsExchangeError,
     UnsupportedAlgorithmError,
+    WorkCancelledError,
 )
 from hsm_keys.keystore.base import KeyStore
 from hsm_keys.provisioning.aws import AwsEnvironment, error_code, translate
-from hsm_keys.provisioning.cancellation import WorkCancelledError, checkpoint
+from hsm_keys.provisioning.cancellation import checkpoint
 from hsm_keys.provisioning.issuer import (
     HttpsOptions,
     IssuerPublisher,
@@ -270,12 +271,19 @@ class AccountRevocation:
 
 @dataclass(frozen=True)
 class Check:
+    """One line of ``verify``: ``skipped`` when a check it depends on failed, so it did not run."""
+
     name: str
     ok: bool
     detail: str
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "PASS" if self.ok else "SKIP" if self.skipped else "FAIL"
 
     def __str__(self) -> str:
-        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<12} {self.detail}"
+        return f"{self.status}  {self.name:<12} {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -1569,7 +1577,7 @@ class SupportAccess:
         for name, probe in steps:
             prerequisite = needs.get(name)
             if prerequisite and prerequisite not in passed:
-                checks.append(Check(name, False, f"not checked: {prerequisite} failed"))
+                checks.append(Check(name, False, f"not checked: {prerequisite} failed", skipped=True))
                 continue
             if check(name, probe):
                 passed.add(name)

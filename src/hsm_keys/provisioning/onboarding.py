@@ -69,8 +69,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from hsm_keys.errors import AwsError, HsmKeysError, InvalidInputError, OnboardingError
-from hsm_keys.provisioning.cancellation import Cancellation, WorkCancelledError, cancellable, committing
+from hsm_keys.errors import AwsError, HsmKeysError, InvalidInputError, OnboardingError, WorkCancelledError
+from hsm_keys.provisioning.cancellation import Cancellation, cancellable, committing
 from hsm_keys.provisioning.registry import (
     AccountRegistration,
     AccountRegistry,
