@@ -544,6 +544,23 @@ _SCAN_ATTEMPTS = 5
 _PENDING_ID_PREFIX = b"hsm-keys-pending-"
 _PENDING_CLAIM = dt.timedelta(minutes=5)
 
+
+def _rescanning(listing: Callable[[], T]) -> T:
+    """Run a listing of token objects again when an object vanished while it ran.
+
+    Another process destroyed an object after C_FindObjects found it: python-pkcs11 reads each
+    object's class while iterating, and SoftHSM answers FUNCTION_FAILED for an object whose file is
+    gone. A failure that persists over ``_SCAN_ATTEMPTS`` listings is real.
+    """
+    for attempt in itertools.count(1):
+        try:
+            return listing()
+        except (p11e.ObjectHandleInvalid, p11e.FunctionFailed):
+            if attempt >= _SCAN_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
 _LIVE_STORES: weakref.WeakSet[Pkcs11KeyStore] = weakref.WeakSet()
 
 # Forks this process descends from (counted by the at-fork hook): the signing hot path compares it
@@ -900,16 +917,7 @@ class Pkcs11KeyStore(KeyStore):
         template: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.TOKEN: True}
         if object_id is not None:
             template[Attribute.ID] = object_id
-        for attempt in itertools.count(1):
-            try:
-                return self._scan_once(session, template)
-            except (p11e.ObjectHandleInvalid, p11e.FunctionFailed):
-                # Another process destroyed an object after C_FindObjects found it: python-pkcs11
-                # reads each object's class while iterating, and SoftHSM answers FUNCTION_FAILED
-                # for an object whose file is gone. Rescan; a failure that persists is real.
-                if attempt >= _SCAN_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        return _rescanning(lambda: self._scan_once(session, template))
 
     def _scan_once(self, session: Any, template: Mapping[Attribute, Any]) -> list[_Handle]:
         with self._state_lock:
@@ -946,16 +954,11 @@ class Pkcs11KeyStore(KeyStore):
     def _rivals(self, info: KeyInfo) -> list[str]:
         def work(pooled: PooledSession[Any]) -> list[tuple[str, bytes]]:
             template = {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.TOKEN: True}
-            for attempt in itertools.count(1):
-                try:
-                    return [
-                        (o[Attribute.LABEL], bytes(o[Attribute.ID]))
-                        for o in pooled.session.get_objects(template)
-                    ]
-                except (p11e.ObjectHandleInvalid, p11e.FunctionFailed):
-                    if attempt >= _SCAN_ATTEMPTS:
-                        raise
-            raise AssertionError("unreachable")
+            return _rescanning(
+                lambda: [
+                    (o[Attribute.LABEL], bytes(o[Attribute.ID])) for o in pooled.session.get_objects(template)
+                ]
+            )
 
         own_id = jwk_thumbprint_bytes(info.public_key)
         cutoff = dt.datetime.now(dt.UTC) - _PENDING_CLAIM

@@ -1175,60 +1175,63 @@ class SupportAccess:
 
                 attempt(group[0].kid, remove_half_made)
 
-        def leftover(identity: tuple[str, str]) -> Binding | None:
-            """The pair, if it has neither role nor key -- checked again now, under its lock."""
+        def remove_leftover(
+            identity: tuple[str, str],
+            target: str,
+            remove: Callable[[Binding], list[Action]],
+            *,
+            unless_role: bool = True,
+        ) -> None:
+            """Remove what a pair without key (and, ``unless_role``, without role) left behind,
+            checking again under its lock: a grant of the pair may have run meanwhile."""
+            if identity in keys or (unless_role and identity in roles):
+                return
             binding = Binding(identity[1], account)
-            if identity in roles or identity in keys or self.store.find(binding) is not None:
-                return None
-            return binding
+
+            def repair() -> list[Action]:
+                with serialised(binding):
+                    if self.store.find(binding) is not None:
+                        return []
+                    if unless_role and self._get_role(iam, binding.role_name):
+                        return []
+                    return remove(binding)
+
+            attempt(target, repair)
+
+        def delete_provider(arn: str) -> Callable[[Binding], list[Action]]:
+            def remove(_: Binding) -> list[Action]:
+                self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=arn)
+                return [Action(account, arn, "deleted provider", "no key and no role")]
+
+            return remove
+
+        def delete_policy(arn: str) -> Callable[[Binding], list[Action]]:
+            def remove(_: Binding) -> list[Action]:
+                return [
+                    Action(account, x.target, x.action, "no key and no role" if x.ok else x.detail, x.ok)
+                    for x in self._delete_staff_policy(iam, arn)
+                    if x.action != "left alone"
+                ]
+
+            return remove
+
+        def unpublish(path: str) -> Callable[[Binding], list[Action]]:
+            def remove(binding: Binding) -> list[Action]:
+                if path not in self.publisher.published():
+                    return []
+                checkpoint(f"unpublishing {path}")
+                self.publisher.unpublish(path)
+                return [Action(account, self.scheme.issuer(binding), "unpublished issuer", "no key")]
+
+            return remove
 
         for identity, arn in providers.items():
-
-            def remove_provider(i: tuple[str, str] = identity, a: str = arn) -> list[Action]:
-                binding = leftover(i)
-                if binding is None:
-                    return []
-                with serialised(binding):
-                    if self.store.find(binding) is not None or self._get_role(iam, binding.role_name):
-                        return []
-                    self._gone_ok(iam, "DeleteOpenIDConnectProvider", OpenIDConnectProviderArn=a)
-                    return [Action(account, a, "deleted provider", "no key and no role")]
-
-            if leftover(identity) is not None:
-                attempt(arn, remove_provider)
-
+            remove_leftover(identity, arn, delete_provider(arn))
         for identity, arn in self._staff_policies(iam, account, partition).items():
-
-            def remove_policy(i: tuple[str, str] = identity, a: str = arn) -> list[Action]:
-                binding = leftover(i)
-                if binding is None:
-                    return []
-                with serialised(binding):
-                    if self.store.find(binding) is not None or self._get_role(iam, binding.role_name):
-                        return []
-                    done = self._delete_staff_policy(iam, a)
-                    return [
-                        Action(account, x.target, x.action, "no key and no role" if x.ok else x.detail, x.ok)
-                        for x in done
-                        if x.action != "left alone"
-                    ]
-
-            if leftover(identity) is not None:
-                attempt(arn, remove_policy)
-
+            remove_leftover(identity, arn, delete_policy(arn))
         for identity, path in self._published_issuers(account).items():
-
-            def remove_documents(i: tuple[str, str] = identity, p: str = path) -> list[Action]:
-                binding = Binding(i[1], account)
-                with serialised(binding):
-                    if self.store.find(binding) is not None or p not in self.publisher.published():
-                        return []
-                    checkpoint(f"unpublishing {p}")
-                    self.publisher.unpublish(p)
-                    return [Action(account, self.scheme.issuer(binding), "unpublished issuer", "no key")]
-
-            if identity not in keys:
-                attempt(path, remove_documents)
+            # Our own documents: only our key decides (a role without key is revoked above).
+            remove_leftover(identity, path, unpublish(path), unless_role=False)
         return [Action(account, a.target, a.action, a.detail, a.ok) for a in actions]
 
     def _staff_policies(self, iam: Any, account: str, partition: str) -> dict[tuple[str, str], str]:
